@@ -1,0 +1,162 @@
+"""Exact k nearest neighbours of a point set with itself: the pipeline every backend shares.
+
+1. centre the points (the mean is taken in float64): the ``|x|^2 + |y|^2 - 2<x,y>`` shortcut that
+   fast engines use loses ``~u * |x|^2`` absolute accuracy, so large offsets must go first;
+2. the backend returns ``kc > k`` *candidates* per row with approximate squared distances and an
+   error bound (:meth:`gelora.backends.KnnBackend.search`);
+3. the candidates are re-ranked with distances computed directly, ``sum((x - y)^2)`` in float32 (float64
+   for float64 input): exact duplicates get exactly 0, never a fake ``1e-2`` from cancellation;
+4. certification: a row is exact when its re-ranked k-th distance is below the smallest distance any
+   non-candidate can have (the backend's kc-th approximate distance minus its error bound). Rows that
+   fail are recomputed by the float64 reference, so the answer never depends on the engine's rounding.
+
+:func:`knn_reference` is the plain float64 reference that tests and benchmarks compare against.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from ._input import ArrayLike, as_points
+from .backends import KnnBackend, select_backend
+
+#: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
+EXTRA_CANDIDATES = 2
+#: Rows per chunk in the direct re-rank (bounds the (rows, kc, D) gather).
+RERANK_CHUNK = 4096
+
+
+def centre(x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``x - mean(x)`` with the mean taken in float64, returned in ``compute_dtype`` (default: float32,
+    float64 for float64 input), contiguous, on the device of ``x``."""
+    if compute_dtype is None:
+        compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    mean = x.mean(dim=0, dtype=torch.float64)
+    return (x.to(compute_dtype) - mean.to(compute_dtype)).contiguous()
+
+
+def direct_sq_dist(x: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """Squared distances ``sum((x[rows[i]] - x[cand[i, j]])^2)`` computed directly (no norm shortcut).
+
+    Args:
+        x: (N, D) float32/float64.
+        rows: (M,) int64 row indices.
+        cand: (M, C) int64 candidate indices.
+
+    Returns:
+        (M, C) tensor of the dtype of ``x``.
+    """
+    out = torch.empty(cand.shape, dtype=x.dtype, device=x.device)
+    step = max(1, RERANK_CHUNK * 8 // max(1, cand.shape[1]))
+    for s in range(0, rows.shape[0], step):
+        r = rows[s : s + step]
+        c = cand[s : s + step]
+        diff = x[c] - x[r].unsqueeze(1)
+        out[s : s + step] = (diff * diff).sum(dim=-1)
+    return out
+
+
+def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float64 brute-force reference: k nearest neighbours of every row among the other rows.
+
+    Blocked over query rows (memory O(block * N)), distances from the centred float64 points.
+
+    Args:
+        x: (N, D) tensor/array, any float dtype.
+        k: neighbours per row, ``1 <= k <= N - 1``.
+
+    Returns:
+        dist: (N, k) float64 Euclidean distances, ascending; idx: (N, k) int64.
+    """
+    xt = as_points(x, min_points=k + 1)
+    xc = centre(xt, torch.float64)
+    return _reference_rows(xc, torch.arange(xc.shape[0], device=xc.device), k)
+
+
+def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact float64 k-NN for the query rows ``rows`` of ``xc`` (self excluded by index)."""
+    x64 = xc.to(torch.float64)
+    sq = (x64 * x64).sum(1)
+    n = x64.shape[0]
+    block = max(1, min(1024, (64 << 20) // max(1, 8 * n)))
+    out_d = torch.empty(rows.shape[0], k, dtype=torch.float64, device=xc.device)
+    out_i = torch.empty(rows.shape[0], k, dtype=torch.int64, device=xc.device)
+    for s in range(0, rows.shape[0], block):
+        r = rows[s : s + block]
+        d2 = sq[r].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x64[r] @ x64.T)
+        d2[torch.arange(r.shape[0], device=xc.device), r] = float("inf")
+        _, cand = torch.topk(d2, min(n - 1, k + EXTRA_CANDIDATES), dim=1, largest=False)
+        # re-rank the float64 candidates directly as well, so the reference is exact for duplicates
+        exact = direct_sq_dist(x64, r, cand)
+        exact, order = torch.sort(exact, dim=1, stable=True)
+        out_d[s : s + block] = exact[:, :k].clamp_min(0).sqrt()
+        out_i[s : s + block] = torch.gather(cand, 1, order)[:, :k]
+    return out_d, out_i
+
+
+def knn_exact(
+    xc: torch.Tensor, k: int, engine: KnnBackend
+) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """k nearest neighbours of the centred points ``xc`` with ``engine``, re-ranked and certified.
+
+    Returns:
+        dist: (N, k) float32 (float64 for float64 ``xc``) Euclidean distances, ascending.
+        idx: (N, k) int64.
+        n_fixed: rows the certification sent to the float64 reference.
+    """
+    n = xc.shape[0]
+    kc = min(n - 1, k + EXTRA_CANDIDATES)
+    cand_d2, cand_idx, err = engine.search(xc, kc)
+    rows = torch.arange(n, device=xc.device)
+    exact = direct_sq_dist(xc, rows, cand_idx)
+    exact, order = torch.sort(exact, dim=1, stable=True)
+    idx = torch.gather(cand_idx, 1, order)[:, :k]
+    d2 = exact[:, :k]
+    n_fixed = 0
+    if kc < n - 1:
+        # every non-candidate j has approx d2 >= cand_d2[:, -1], so exact d2 >= cand_d2[:, -1] - err
+        floor = cand_d2[:, -1].to(exact.dtype) - torch.as_tensor(err, device=xc.device).to(exact.dtype)
+        bad = torch.nonzero(d2[:, -1] > floor).flatten()
+        if bad.numel():
+            n_fixed = int(bad.numel())
+            fd, fi = _reference_rows(xc, bad, k)
+            d2 = d2.clone()
+            d2[bad] = (fd * fd).to(d2.dtype)
+            idx[bad] = fi
+    dist = d2.clamp_min(0).sqrt()
+    if dist.dtype not in (torch.float32, torch.float64):
+        dist = dist.float()
+    return dist, idx, n_fixed
+
+
+def knn2(
+    x: ArrayLike, *, k: int = 2, backend: Optional[str] = None, mask: Optional[ArrayLike] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact nearest neighbours of every row of ``x`` among the other rows.
+
+    Args:
+        x: (N, D) or (B, T, D) tensor/array (float16, bfloat16, float32, float64; any device a backend
+            supports). (B, T, D) is flattened to tokens.
+        k: neighbours per row (2 for TwoNN).
+        backend: force ``"triton"``, ``"cpp"``, ``"faiss"`` or ``"torch"``; default: the first usable.
+        mask: optional boolean (B, T) token mask (True keeps a token).
+
+    Returns:
+        dist: (N, k) float32 Euclidean distances (not squared), ascending per row.
+        idx: (N, k) int64 neighbour indices (into the masked, flattened points). A point is never its
+            own neighbour (excluded by index, not by distance: a duplicate is a neighbour at 0).
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    xt = as_points(x, mask, min_points=k + 1)
+    engine = select_backend(xt, backend)
+    xc = centre(xt, _compute_dtype(xt, engine))
+    dist, idx, _ = knn_exact(xc, k, engine)
+    return dist.float(), idx
+
+
+def _compute_dtype(x: torch.Tensor, engine: KnnBackend) -> torch.dtype:
+    """float64 stays float64; everything else is centred into float32 (engines that want half precision
+    tiles cast their tile operands themselves and report the larger error bound)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -1,0 +1,1 @@
+"""Triton kernels of gelora, shipped as ``gelora.kernels`` (one operation per file)."""
