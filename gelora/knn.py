@@ -96,7 +96,7 @@ def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch
 
 
 def knn_exact(
-    xc: torch.Tensor, k: int, engine: KnnBackend
+    xc: torch.Tensor, k: int, engine: KnnBackend, src_dtype: Optional[torch.dtype] = None
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """k nearest neighbours of the centred points ``xc`` with ``engine``, re-ranked and certified.
 
@@ -107,7 +107,7 @@ def knn_exact(
     """
     n = xc.shape[0]
     kc = min(n - 1, k + EXTRA_CANDIDATES)
-    cand_d2, cand_idx, err = engine.search(xc, kc)
+    cand_d2, cand_idx, err = engine.search(xc, kc, src_dtype=src_dtype)
     rows = torch.arange(n, device=xc.device)
     exact = direct_sq_dist(xc, rows, cand_idx)
     exact, order = torch.sort(exact, dim=1, stable=True)
@@ -152,7 +152,7 @@ def knn2(
     xt = as_points(x, mask, min_points=k + 1)
     engine = select_backend(xt, backend)
     xc = centre(xt, _compute_dtype(xt, engine))
-    dist, idx, _ = knn_exact(xc, k, engine)
+    dist, idx, _ = knn_exact(xc, k, engine, xt.dtype)
     return dist.float(), idx
 
 

@@ -249,7 +249,7 @@ def twonn(
             raise ValueError(f"only {xt.shape[0]} distinct point(s) among {n_points}; TwoNN needs at least 3")
     engine = select_backend(xt, backend)
     xc = centre(xt, _compute_dtype(xt, engine))
-    dist, _, n_fixed = knn_exact(xc, 2, engine)
+    dist, _, n_fixed = knn_exact(xc, 2, engine, xt.dtype)
     res = id_from_distances(dist, estimator=estimator, discard_fraction=discard_fraction,
                             bootstrap=bootstrap, seed=seed)
     if res["n_zero_r1"] and not dedup:

@@ -66,13 +66,17 @@ class KnnBackend:
         return list(self._input_reasons(x))
 
     # -- work ----------------------------------------------------------------------------------
-    def search(self, x: torch.Tensor, kc: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def search(
+        self, x: torch.Tensor, kc: int, *, src_dtype: Optional[torch.dtype] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Candidate neighbours of every row of ``x`` among the other rows.
 
         Args:
-            x: (N, D) centred points, contiguous, float32 (float64 when the caller asked for float64;
-                a backend may also receive float16/bfloat16 on CUDA), on the backend's device.
+            x: (N, D) centred points, contiguous, float32 (float64 when the input was float64), on the
+                device of the user's input.
             kc: number of candidates per row, ``1 <= kc <= N - 1``.
+            src_dtype: dtype of the user's input before centring (e.g. bfloat16 hidden states); an
+                engine may compute its tiles in that precision and report the larger error bound.
 
         Returns:
             cand_d2: (N, kc) float32/float64 approximate *squared* distances, ascending per row.

@@ -15,7 +15,7 @@ class CppBackend(KnnBackend):
     def _availability_reasons(self) -> List[str]:
         return ["the C++ core is not part of this build yet"]
 
-    def search(self, x: torch.Tensor, kc: int):
+    def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
         raise NotImplementedError
 
 

@@ -41,7 +41,7 @@ class FaissBackend(KnnBackend):
             reasons.append(f"device {x.device.type} not supported")
         return reasons
 
-    def search(self, x: torch.Tensor, kc: int):
+    def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
         faiss = _faiss()
         d = x.shape[1]
         x32 = x.float().contiguous()

@@ -93,7 +93,7 @@ class TorchBackend(KnnBackend):
     def _input_reasons(self, x: torch.Tensor) -> List[str]:
         return []
 
-    def search(self, x: torch.Tensor, kc: int):
+    def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         d2, idx = blocked_topk_sq(work, kc)
         err = gemm_error_bound((work * work).sum(dim=1), work.shape[1], work.dtype)

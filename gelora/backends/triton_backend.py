@@ -15,7 +15,7 @@ class TritonBackend(KnnBackend):
     def _availability_reasons(self) -> List[str]:
         return ["the Triton kNN kernel is not part of this build yet"]
 
-    def search(self, x: torch.Tensor, kc: int):
+    def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
         raise NotImplementedError
 
 
