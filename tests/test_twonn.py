@@ -1,0 +1,178 @@
+"""TwoNN estimator: exact neighbours, agreement with DADApy and scikit-dimension, duplicates policy."""
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import gelora
+from conftest import subspace_points, usable_backends
+from gelora.testing import assert_knn_match
+
+CPU_BACKENDS = usable_backends("cpu")
+
+dadapy = pytest.importorskip("dadapy")
+skdim = pytest.importorskip("skdim")
+
+
+def _dadapy_id(x: np.ndarray, algorithm: str) -> float:
+    data = dadapy.Data(coordinates=np.asarray(x, dtype=np.float64), verbose=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(data.compute_id_2NN(algorithm=algorithm)[0])
+
+
+def _skdim_id(x: np.ndarray, method: str = "linear") -> float:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(skdim.id.TwoNN(method=method).fit(np.asarray(x, dtype=np.float64)).dimension_)
+
+
+# ------------------------------------------------------------------------------------------------
+# neighbours
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n,d", [(3, 1), (4, 59), (97, 3), (1025, 17), (300, 4097)])
+def test_knn2_matches_reference(backend, n, d):
+    g = torch.Generator().manual_seed(n * 7 + d)
+    x = torch.randn(n, d, generator=g) * 3 + 10
+    dist, idx = gelora.knn2(x, backend=backend)
+    assert dist.dtype == torch.float32 and idx.dtype == torch.int64 and dist.shape == (n, 2)
+    assert bool((dist[:, 0] <= dist[:, 1]).all())
+    assert_knn_match(x, dist, idx)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_knn2_duplicates_exact_zero_and_never_self(backend):
+    x = subspace_points(400, d=3, D=20, offset=100.0)
+    x = torch.cat([x, x[:50], x[:10]])  # rows 0..9 appear three times, 10..49 twice
+    dist, idx = gelora.knn2(x, backend=backend)
+    assert bool((dist[:50, 0] == 0).all()), "a duplicate must be found at distance exactly 0"
+    assert bool((dist[:10, 1] == 0).all())
+    assert not bool((idx == torch.arange(x.shape[0]).unsqueeze(1)).any())
+    assert_knn_match(x, dist, idx)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_knn2_noncontiguous_and_numpy(backend):
+    base = torch.randn(500, 64, dtype=torch.float64)
+    x = base[::2, ::3]  # non-contiguous view
+    assert not x.is_contiguous()
+    d1, i1 = gelora.knn2(x, backend=backend)
+    assert_knn_match(x.contiguous(), d1, i1)
+    d2, i2 = gelora.knn2(np.asfortranarray(x.numpy()), backend=backend)
+    assert torch.equal(i1, i2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_low_precision_inputs(dtype):
+    x = subspace_points(800, d=6, D=32).to(dtype)
+    dist, idx = gelora.knn2(x)
+    # neighbours of the points as given (the rounded values), exactly
+    assert_knn_match(x.double(), dist, idx)
+
+
+def test_3d_input_flattens_tokens():
+    x = subspace_points(600, d=5, D=24)
+    r3 = gelora.twonn(x.reshape(6, 100, 24))
+    r2 = gelora.twonn(x)
+    assert r3.id == r2.id and r3.n_points == 600
+
+
+# ------------------------------------------------------------------------------------------------
+# estimators vs outside implementations
+# ------------------------------------------------------------------------------------------------
+MANIFOLDS = ["M1_Sphere", "M7_Roll", "M9_Affine", "M5a_Helix1d", "M10a_Cubic", "M12_Norm"]
+
+
+@pytest.fixture(scope="module")
+def manifolds():
+    bm = skdim.datasets.BenchmarkManifolds(random_state=0)
+    truth = bm.truth
+    out = {}
+    for name in MANIFOLDS:
+        d = int(truth.loc[name, "Intrinsic Dimension"])
+        dim = int(truth.loc[name, "Number of variables"])
+        out[name] = (np.asarray(bm.generate(name=name, n=1500, dim=dim, d=d)), d)
+    return out
+
+
+@pytest.mark.parametrize("name", MANIFOLDS)
+def test_matches_dadapy_and_skdim_on_benchmark_manifolds(manifolds, name):
+    x, true_d = manifolds[name]
+    mle = gelora.twonn(x, estimator="mle")
+    lin = gelora.twonn(x, estimator="linear")
+    assert mle.n_duplicates == 0
+    assert mle.id == pytest.approx(_dadapy_id(x, "ml"), rel=1e-6)
+    assert lin.id == pytest.approx(_dadapy_id(x, "base"), rel=1e-6)
+    assert lin.id == pytest.approx(_skdim_id(x, "linear"), rel=1e-6)
+    assert gelora.twonn(x, estimator="mle_censored").id == pytest.approx(_skdim_id(x, "mle"), rel=1e-6)
+    # and the estimate is near the truth (TwoNN is biased low at high ID and small N: 14.5 for the 20-dim M9_Affine at N=1500)
+    assert 0.65 * true_d - 0.3 < mle.id < 1.2 * true_d + 0.3, (mle.id, true_d)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_backends_agree(backend):
+    x = subspace_points(3000, d=10, D=128)
+    ref = gelora.twonn(x, backend="torch").id
+    assert gelora.twonn(x, backend=backend).id == pytest.approx(ref, rel=1e-6)
+
+
+def test_stderr_and_bootstrap():
+    x = subspace_points(4000, d=8, D=64)
+    r = gelora.twonn(x)
+    assert r.stderr == pytest.approx(r.id / np.sqrt(r.n_used - 2))
+    b = gelora.twonn(x, bootstrap=200, seed=1)
+    assert b.bootstrap_ids.shape == (200,)
+    # the bootstrap error of the MLE agrees with the analytic one to within sampling noise
+    assert 0.7 < b.stderr / r.stderr < 1.4
+    lo, hi = b.ci95
+    assert lo < r.id < hi
+    # a different seed gives other replicates; the same seed the same ones
+    assert torch.equal(gelora.twonn(x, bootstrap=200, seed=1).bootstrap_ids, b.bootstrap_ids)
+
+
+def test_scale_curve():
+    x = subspace_points(4096, d=6, D=40)
+    curve = gelora.id_scale_curve(x, n_min=256)
+    assert curve.n == [4096, 2048, 1024, 512, 256]
+    assert curve.repeats == [1, 2, 4, 8, 16]
+    assert all(abs(v - 6) < 1.0 for v in curve.id), curve.id
+    assert all(e > 0 for e in curve.stderr)
+
+
+# ------------------------------------------------------------------------------------------------
+# duplicates and ties
+# ------------------------------------------------------------------------------------------------
+def test_duplicates_do_not_move_the_id():
+    """5000 points of an 8-dim subspace in D=64 (offset +5), 20% duplicated rows: within 2% of clean."""
+    x = subspace_points(5000, d=8, D=64, offset=5.0, seed=3)
+    g = torch.Generator().manual_seed(1)
+    dup = x[torch.randint(0, 5000, (1250,), generator=g)]
+    xd = torch.cat([x, dup])[torch.randperm(6250, generator=g)]  # 1250 of 6250 rows = 20% copies
+    clean = gelora.twonn(x)
+    dirty = gelora.twonn(xd)
+    assert dirty.n_duplicates == 1250 and dirty.n_points == 6250
+    assert abs(dirty.id - clean.id) / clean.id < 0.02
+    # the linear estimator too
+    assert abs(gelora.twonn(xd, estimator="linear").id / gelora.twonn(x, estimator="linear").id - 1) < 0.02
+    # dedup=False is the raw estimator: r1 == 0 points are dropped, with a warning
+    with pytest.warns(UserWarning, match="r1 == 0"):
+        raw = gelora.twonn(xd, dedup=False)
+    assert raw.n_zero_r1 > 0 and np.isfinite(raw.id)
+
+
+def test_unique_rows_signed_zero_and_collisions():
+    x = torch.tensor([[0.0, 1.0], [-0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [2.0, 2.0]])
+    keep, n_dup = gelora.unique_rows(x)
+    assert keep.tolist() == [0, 2, 4] and n_dup == 2
+    for dt in (torch.float16, torch.bfloat16, torch.float64):
+        keep, n_dup = gelora.unique_rows(x.to(dt))
+        assert keep.tolist() == [0, 2, 4]
+
+
+def test_result_is_float_convertible():
+    x = subspace_points(500, d=4, D=16)
+    r = gelora.twonn(x)
+    assert float(r) == r.id == gelora.estimate_id(x)
+    assert r.mu.shape == (500,) and bool((r.mu >= 1).all())
