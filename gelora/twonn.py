@@ -91,6 +91,8 @@ class TwoNNResult:
 # ---------------------------------------------------------------------------------------------------
 # Duplicates
 # ---------------------------------------------------------------------------------------------------
+#: Elements hashed per chunk (bounds the int64 temporary: 64 MiB).
+HASH_CHUNK_ELEMS = 1 << 23
 _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
              torch.float64: torch.int64}
 
@@ -107,18 +109,24 @@ def unique_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     Returns:
         keep: (M,) int64 sorted indices of the rows to keep; n_duplicates = N - M.
     """
-    n = x.shape[0]
-    bits = (x + 0.0).contiguous().view(_INT_VIEW[x.dtype]).to(torch.int64)
+    n, d = x.shape
     gen = torch.Generator(device="cpu").manual_seed(0x6E10)
-    coef = torch.randint(1, 2**62, (x.shape[1],), generator=gen, dtype=torch.int64) | 1
-    h = (bits * coef.to(x.device)).sum(dim=1)  # wraps modulo 2^64: a linear hash of the row
+    coef = (torch.randint(1, 2**62, (d,), generator=gen, dtype=torch.int64) | 1).to(x.device)
+    h = torch.empty(n, dtype=torch.int64, device=x.device)
+    step = max(1, HASH_CHUNK_ELEMS // d)
+    for s in range(0, n, step):
+        bits = (x[s : s + step] + 0.0).view(_INT_VIEW[x.dtype]).to(torch.int64)
+        # a linear hash of the row's bit pattern, wrapping modulo 2^64 (integer mv on the CPU is ~10x
+        # faster than mul + sum; CUDA has no integer mv)
+        h[s : s + step] = bits @ coef if x.device.type == "cpu" else (bits * coef).sum(dim=1)
     uniq, inverse = torch.unique(h, return_inverse=True)
     if uniq.numel() == n:
         return torch.arange(n, device=x.device), 0
     first = torch.full((uniq.numel(),), n, dtype=torch.int64, device=x.device)
     first.scatter_reduce_(0, inverse, torch.arange(n, device=x.device), reduce="amin")
     rep = first[inverse]
-    same = (x[rep] == x).all(dim=1) | (rep == torch.arange(n, device=x.device))
+    later = torch.nonzero(rep != torch.arange(n, device=x.device)).flatten()
+    same = (x[later] == x[rep[later]]).all(dim=1)
     if not bool(same.all()):  # a hash collision between distinct rows: exact (slower) path
         _, inv = torch.unique(x + 0.0, dim=0, return_inverse=True)
         first = torch.full((int(inv.max()) + 1,), n, dtype=torch.int64, device=x.device)
