@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 install: $(STAMP)
 
 run: $(STAMP)
-	$(PY) benchmarks/id_speed.py --quick
+	$(VENV)/bin/gelora profile
 
 test: $(STAMP)
 	$(PY) -m pytest -q

