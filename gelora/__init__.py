@@ -17,6 +17,7 @@ from .twonn import ScaleCurve, TwoNNResult, estimate_id, id_scale_curve, twonn, 
 from .profile import ModuleProfile, ProfileResult, profile_model
 from .ranks import RankAllocation, allocate_ranks
 from .peft_bridge import adapter_ranks, lora_config, rank_costs, verify_lora_config
+from .distributed import knn2_distributed, twonn_distributed
 from .data import DataUnavailable, TextCorpus, load_texts, vader_movie_sentences
 
 __version__ = "0.1.0"
@@ -43,6 +44,8 @@ __all__ = [
     "estimate_id",
     "id_scale_curve",
     "knn2",
+    "knn2_distributed",
+    "twonn_distributed",
     "knn_reference",
     "twonn",
     "unique_rows",

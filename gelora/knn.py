@@ -109,7 +109,7 @@ def knn_exact(
         n_fixed: rows the certification sent to the float64 reference.
     """
     n = xc.shape[0]
-    kc = min(n - 1, k + EXTRA_CANDIDATES)
+    kc = min(n - 1, k + getattr(engine, "extra_candidates", EXTRA_CANDIDATES))
     cand_d2, cand_idx, err = engine.search(xc, kc, src_dtype=src_dtype)
     rows = torch.arange(n, device=xc.device)
     exact = direct_sq_dist(xc, rows, cand_idx)
@@ -134,7 +134,12 @@ def knn_exact(
 
 
 def knn2(
-    x: ArrayLike, *, k: int = 2, backend: Optional[str] = None, mask: Optional[ArrayLike] = None
+    x: ArrayLike,
+    *,
+    k: int = 2,
+    backend: Optional[str] = None,
+    mask: Optional[ArrayLike] = None,
+    group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact nearest neighbours of every row of ``x`` among the other rows.
 
@@ -144,6 +149,8 @@ def knn2(
         k: neighbours per row (2 for TwoNN).
         backend: force ``"triton"``, ``"cpp"``, ``"faiss"`` or ``"torch"``; default: the first usable.
         mask: optional boolean (B, T) token mask (True keeps a token).
+        group: a ``torch.distributed`` process group (``True``: the default group): ``x`` is this rank's
+            shard and indices are global (see :func:`gelora.distributed.knn2_distributed`).
 
     Returns:
         dist: (N, k) float32 Euclidean distances (not squared), ascending per row.
@@ -152,6 +159,12 @@ def knn2(
     """
     if not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
+    if group is not None and group is not False:
+        from .distributed import knn2_distributed
+
+        if mask is not None:
+            x = as_points(x, mask, min_points=1)
+        return knn2_distributed(x, k=k, group=None if group is True else group, backend=backend)
     xt = as_points(x, mask, min_points=k + 1)
     engine = select_backend(xt, backend)
     xc = centre(xt, _compute_dtype(xt, engine))

@@ -222,6 +222,7 @@ def twonn(
     mask: Optional[ArrayLike] = None,
     bootstrap: int = 0,
     seed: int = 0,
+    group=None,
 ) -> TwoNNResult:
     """Exact TwoNN intrinsic dimension of a point cloud.
 
@@ -236,6 +237,10 @@ def twonn(
         mask: optional boolean (B, T) token mask (True keeps a token), e.g. an attention mask.
         bootstrap: number of bootstrap resamples of the ratios for ``stderr``/``ci95`` (0: analytic).
         seed: seed of the bootstrap.
+        group: a ``torch.distributed`` process group (or ``True`` for the default group): ``x`` is this
+            rank's shard of the points, and every rank gets the global estimate over all shards (see
+            :func:`gelora.distributed.twonn_distributed`). Never implied by an initialised process
+            group alone: data-parallel jobs estimate each rank's data separately.
 
     Returns:
         :class:`TwoNNResult`.
@@ -246,6 +251,14 @@ def twonn(
         gelora.BackendUnavailable: a forced backend cannot run on this input.
     """
     _check_estimator(estimator, discard_fraction)
+    if group is not None and group is not False:
+        from .distributed import twonn_distributed
+
+        return twonn_distributed(
+            x, group=None if group is True else group, estimator=estimator,
+            discard_fraction=discard_fraction, dedup=dedup, backend=backend, mask=mask,
+            bootstrap=bootstrap, seed=seed,
+        )
     xt = as_points(x, mask)
     n_points = xt.shape[0]
     n_dup = 0

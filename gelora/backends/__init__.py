@@ -38,6 +38,8 @@ class KnnBackend:
 
     name: str = "?"
     description: str = ""
+    #: Candidates per row beyond k that the pipeline asks for (more: fewer float64 fallbacks).
+    extra_candidates: int = 2
 
     def __init__(self) -> None:
         self._avail: Optional[List[str]] = None
@@ -58,8 +60,11 @@ class KnnBackend:
                 self._avail = [f"availability check failed: {exc!r}"]
         return self._avail
 
-    def not_supported_reasons(self, x: torch.Tensor) -> List[str]:
-        """Reasons this backend cannot handle ``x`` (empty list when it can)."""
+    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False) -> List[str]:
+        """Reasons this backend cannot handle ``x`` (empty list when it can).
+
+        ``forced``: the user named this backend; an engine may then accept inputs it would not be
+        picked for automatically (the Triton engine streams a CPU tensor through the GPU)."""
         reasons = self.availability_reasons()
         if reasons:
             return list(reasons)
@@ -81,9 +86,10 @@ class KnnBackend:
         Returns:
             cand_d2: (N, kc) float32/float64 approximate *squared* distances, ascending per row.
             cand_idx: (N, kc) int64 indices into ``x``; never the row itself.
-            err: scalar or (N,) tensor bounding ``|approx - exact|`` of the squared distance between
-                row i and *any* other row (used to certify that no neighbour was missed). Zero for a
-                backend that computes exact distances.
+            err: scalar or (N,) tensor such that every row j that is *not* a candidate of row i has
+                exact squared distance ``>= cand_d2[i, -1] - err[i]`` (used to certify that no
+                neighbour was missed; a bound on ``|approx - exact|`` for pairs up to the kc-th
+                distance suffices). Zero for a backend that computes exact distances.
         """
         raise NotImplementedError
 
@@ -97,7 +103,7 @@ def register(backend: KnnBackend) -> KnnBackend:
 
 
 def _ensure_registered() -> None:
-    if _REGISTRY:
+    if all(n in _REGISTRY for n in PRIORITY):
         return
     # Imports are cheap: each module defers its heavy optional imports to availability checks.
     from . import cpp_backend, faiss_backend, torch_backend, triton_backend  # noqa: F401
@@ -127,7 +133,7 @@ def select_backend(x: torch.Tensor, backend: Optional[str] = None) -> KnnBackend
     forced = backend or os.environ.get("GELORA_BACKEND") or None
     if forced is not None:
         b = get_backend(forced)
-        reasons = b.not_supported_reasons(x)
+        reasons = b.not_supported_reasons(x, forced=True)
         if reasons:
             raise BackendUnavailable(f"backend {forced!r} cannot run here: " + "; ".join(reasons))
         return b

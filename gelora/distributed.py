@@ -1,0 +1,491 @@
+"""Exact kNN and TwoNN over points sharded across the ranks of a ``torch.distributed`` process group.
+
+Every rank holds a shard ``x_local`` of the points (the global order is rank 0's rows, then rank 1's,
+...). Queries stay where they are; the key shards travel around a ring (``batch_isend_irecv`` to the
+next rank, from the previous one, the next transfer overlapping the current search), so each rank
+holds at most two shards at a time: memory O(N_local D), never the whole set, never O(N^2).
+
+For every shard that passes, a rank searches its own points against it with the local engine (the
+Triton kernel for CUDA tensors when the selected backend is ``"triton"``, blocked torch ``mm + topk``
+otherwise), re-ranks the candidates of that shard with directly computed distances while the shard's
+vectors are there, and keeps the best ``k`` over all shards. Certification is the one of
+:func:`gelora.knn.knn_exact`, per shard: a shard's non-candidates are at least its ``kc``-th candidate
+value minus the error bound away, and a row whose k-th distance is above the smallest such floor is
+recomputed in float64 in a second ring pass (rare: only when some rank has such rows).
+
+:func:`twonn_distributed` adds what the single-process :func:`gelora.twonn` does first: exact
+duplicate rows are collapsed across ranks (first occurrence in the global order wins, using
+:func:`gelora.twonn.unique_rows` on the local shard against each earlier shard), the points are
+centred with the global mean (one ``all_reduce``), and the estimate is computed by
+:func:`gelora.twonn.id_from_distances` on the gathered (N, 2) distances, so every rank returns the
+same :class:`gelora.TwoNNResult`, equal to the single-process result on the concatenated points.
+
+Collectives run on CPU tensors for gloo and CUDA tensors for NCCL; rows are sent as raw bytes, so
+every dtype travels unchanged. Every rank must call these functions with the same arguments (and
+the same dtype and D); a bad input on one rank raises on every rank (no hang).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from ._input import ArrayLike, as_points, to_tensor
+from .backends import select_backend
+from .knn import EXTRA_CANDIDATES
+from .twonn import TwoNNResult, _check_estimator, id_from_distances, unique_rows
+
+__all__ = ["knn2_distributed", "twonn_distributed"]
+
+#: Query rows per block of the torch cross search (bounds the (block, shard) distance tile).
+TORCH_QUERY_BLOCK = 2048
+#: Elements of one gathered (rows, kc, D) block of the direct re-rank.
+RERANK_ELEMS = 1 << 22
+
+
+# ---------------------------------------------------------------------------------------------------
+# Process-group plumbing
+# ---------------------------------------------------------------------------------------------------
+class _Group:
+    def __init__(self, group) -> None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("torch.distributed is not initialised: call dist.init_process_group first "
+                               "(or use gelora.twonn / gelora.knn2 on one process)")
+        self.group = group
+        self.world = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        backend = str(dist.get_backend(group)).lower()
+        if "nccl" in backend:
+            self.comm = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.comm = torch.device("cpu")
+
+    def global_rank(self, r: int) -> int:
+        if self.group is None:
+            return r
+        return dist.get_global_rank(self.group, r)
+
+    def all_reduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        c = t.to(self.comm).clone()
+        dist.all_reduce(c, op=dist.ReduceOp.SUM if op is None else op, group=self.group)
+        return c.to(t.device)
+
+    def all_gather_sizes(self, n: int) -> List[int]:
+        t = torch.tensor([n], dtype=torch.int64, device=self.comm)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t, group=self.group)
+        return [int(v) for v in out]
+
+    def all_gather_rows(self, t: torch.Tensor, sizes: List[int]) -> torch.Tensor:
+        """Concatenate every rank's (n_r, ...) ``t`` in rank order (on ``t``'s device)."""
+        top = max(sizes)
+        raw = _as_bytes(t)
+        pad = torch.zeros((top,) + tuple(raw.shape[1:]), dtype=torch.uint8, device=self.comm)
+        pad[: raw.shape[0]] = raw.to(self.comm)
+        out = [torch.empty_like(pad) for _ in range(self.world)]
+        dist.all_gather(out, pad, group=self.group)
+        rows = torch.cat([o[:s] for o, s in zip(out, sizes)])
+        return _from_bytes(rows.to(t.device), t.dtype, t.shape[1:])
+
+    def agree(self, error: Optional[BaseException]) -> None:
+        """Raise on every rank when any rank hit ``error`` (keeps the ranks in step)."""
+        bad = self.all_reduce(torch.tensor([0 if error is None else 1], dtype=torch.int64))
+        if error is not None:
+            raise error
+        if int(bad) > 0:
+            raise RuntimeError("another rank of the process group rejected its input (see its error)")
+
+
+def _as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """(n, ...) tensor -> (n, bytes_per_row) uint8 (any dtype travels unchanged)."""
+    width = t.element_size() * math.prod(t.shape[1:])
+    if t.numel() == 0:
+        return torch.empty((t.shape[0], width), dtype=torch.uint8, device=t.device)
+    return t.contiguous().reshape(t.shape[0], -1).view(torch.uint8)
+
+
+def _from_bytes(raw: torch.Tensor, dtype: torch.dtype, tail) -> torch.Tensor:
+    n = raw.shape[0]
+    if raw.numel() == 0:
+        return torch.empty((n,) + tuple(tail), dtype=dtype, device=raw.device)
+    return raw.contiguous().view(dtype).reshape((n,) + tuple(tail))
+
+
+def _ring(g: _Group, payload: torch.Tensor, sizes: List[int],
+          fn: Callable[[int, torch.Tensor], None]) -> None:
+    """Call ``fn(owner, shard)`` for every rank's (sizes[owner], ...) ``payload``, own shard first.
+
+    The shard travels from rank r to rank r + 1; the transfer of the next shard overlaps ``fn``.
+    """
+    tail = tuple(payload.shape[1:])
+    cur = _as_bytes(payload).to(g.comm)
+    width = cur.shape[1]
+    for step in range(g.world):
+        owner = (g.rank - step) % g.world
+        reqs = []
+        if step + 1 < g.world:
+            src = (g.rank - step - 1) % g.world
+            nxt = torch.empty((sizes[src], width), dtype=torch.uint8, device=g.comm)
+            ops = [dist.P2POp(dist.isend, cur, g.global_rank((g.rank + 1) % g.world), g.group),
+                   dist.P2POp(dist.irecv, nxt, g.global_rank((g.rank - 1) % g.world), g.group)]
+            reqs = dist.batch_isend_irecv(ops)
+        fn(owner, _from_bytes(cur.to(payload.device), payload.dtype, tail))
+        for r in reqs:
+            r.wait()
+        if step + 1 < g.world:
+            cur = nxt
+
+
+def _local_points(x: ArrayLike, mask: Optional[ArrayLike]) -> Tuple[Optional[torch.Tensor], Optional[Exception]]:
+    """``as_points`` on the shard, allowing an empty shard (another rank may hold all the points)."""
+    try:
+        t = to_tensor(x)
+        if t.dim() in (2, 3) and t.shape[-1] > 0 and t.numel() == 0 and mask is None:
+            if not t.is_floating_point():
+                raise TypeError(f"x: dtype {t.dtype} is not supported; use a floating dtype")
+            return t.reshape(0, t.shape[-1]), None
+        return as_points(t, mask, min_points=1), None
+    except (TypeError, ValueError) as exc:
+        return None, exc
+
+
+_DTYPE_CODE = {torch.float16: 1, torch.bfloat16: 2, torch.float32: 3, torch.float64: 4}
+
+
+def _check_shapes(g: _Group, x: torch.Tensor) -> None:
+    mine = torch.tensor([x.shape[1], _DTYPE_CODE.get(x.dtype, 0)], dtype=torch.int64, device=g.comm)
+    out = [torch.empty_like(mine) for _ in range(g.world)]
+    dist.all_gather(out, mine, group=g.group)
+    if any(int(o[0]) != x.shape[1] or int(o[1]) != int(mine[1]) for o in out):
+        raise ValueError("every rank must pass points of the same dimension D and dtype; got "
+                         + ", ".join(f"rank {r}: D={int(o[0])} dtype#{int(o[1])}" for r, o in enumerate(out)))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cross search of the local queries against one shard
+# ---------------------------------------------------------------------------------------------------
+class _TorchCross:
+    """Blocked mm + topk of the queries against a shard (float32, float64 for float64 input)."""
+
+    name = "torch"
+
+    def __init__(self, q: torch.Tensor) -> None:
+        self.q = q
+        self.sq = (q * q).sum(1)
+
+    def search(self, keys: torch.Tensor, kc: int, q_off: int, k_off: int):
+        q = self.q
+        sk = (keys * keys).sum(1)
+        n = q.shape[0]
+        out_d = torch.empty(n, kc, dtype=q.dtype, device=q.device)
+        out_i = torch.empty(n, kc, dtype=torch.int64, device=q.device)
+        for s in range(0, n, TORCH_QUERY_BLOCK):
+            e = min(n, s + TORCH_QUERY_BLOCK)
+            tile = torch.addmm(sk.unsqueeze(0), q[s:e], keys.T, beta=1.0, alpha=-2.0)
+            tile.add_(self.sq[s:e].unsqueeze(1))
+            rows = torch.arange(s, e, device=q.device) + q_off - k_off
+            hit = (rows >= 0) & (rows < keys.shape[0])
+            if bool(hit.any()):
+                r = torch.nonzero(hit).flatten()
+                tile[r, rows[r]] = float("inf")
+            d, i = torch.topk(tile, kc, dim=1, largest=False, sorted=True)
+            out_d[s:e] = d
+            out_i[s:e] = i
+        # the probabilistic fp32/fp64 GEMM bound of gelora.backends.torch_backend.gemm_error_bound
+        u = torch.finfo(q.dtype).eps / 2
+        err = 8.0 * math.sqrt(q.shape[1] + 2) * u * (self.sq + sk.max()) * 2.0
+        return out_d, out_i, err
+
+
+class _TritonCross:
+    """The Triton kernel (rows-only launch) of the local queries against a shard."""
+
+    name = "triton"
+
+    def __init__(self, q: torch.Tensor, scale: float) -> None:
+        from .backends import triton_backend as tb  # noqa: PLC0415
+        from gelora.kernels import knn_top2 as k  # noqa: PLC0415
+
+        self.tb, self.k = tb, k
+        self.precision = tb.default_precision()
+        self.scale = scale
+        self.align = k.GPU_ALIGN if q.device.type == "cuda" else k.default_config(q.device).align
+        self.qs = tb.prepare_operand(q, self.precision, scale, self.align)
+
+    def search(self, keys: torch.Tensor, kc: int, q_off: int, k_off: int):
+        tb = self.tb
+        ks = tb.prepare_operand(keys, self.precision, self.scale, self.align)
+        d, i = tb.triton_cross(self.qs, ks, kc, q_offset=q_off, k_offset=k_off, precision=self.precision)
+        d = d * (self.scale * self.scale)
+        dim_pad = self.k._round_up(keys.shape[1], self.k.K_ALIGN)
+        err = tb.tile_error_bound(torch.where(torch.isfinite(d[:, -1]), d[:, -1], torch.zeros_like(d[:, -1])),
+                                  self.qs, tb.KeyIndex.build(ks.norm, ks.eps), self.scale, self.precision,
+                                  dim_pad, keys.device.type == "cuda")
+        return d.to(torch.float64 if keys.dtype == torch.float64 else torch.float32), i, err
+
+
+def _merge(best_d, best_i, new_d, new_i, k):
+    """Keep the k smallest (distance, global index) pairs per row (ties broken by the index)."""
+    d = torch.cat([best_d, new_d], 1)
+    i = torch.cat([best_i, new_i], 1)
+    o = torch.argsort(i, dim=1, stable=True)
+    d, i = torch.gather(d, 1, o), torch.gather(i, 1, o)
+    o = torch.argsort(d, dim=1, stable=True)[:, :k]
+    return torch.gather(d, 1, o), torch.gather(i, 1, o)
+
+
+def _direct(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+    """``sum((q[r] - keys[cand[r, j]])^2)`` computed directly, in chunks of rows."""
+    out = torch.empty(cand.shape, dtype=q.dtype, device=q.device)
+    step = max(1, RERANK_ELEMS // max(1, cand.shape[1] * q.shape[1]))
+    for s in range(0, q.shape[0], step):
+        c = cand[s : s + step].clamp_min(0)
+        diff = keys[c] - q[s : s + step].unsqueeze(1)
+        out[s : s + step] = (diff * diff).sum(-1)
+    return out
+
+
+def _knn_sharded(g: _Group, xc: torch.Tensor, sizes: List[int], k: int, engine_name: str,
+                 scale_src: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, str]:
+    """k nearest neighbours (global indices) of the centred local rows ``xc`` among all ranks' rows.
+
+    Returns squared distances (n_local, k) (dtype of ``xc``), indices (n_local, k) int64, the number of
+    rows recomputed in float64 on all ranks, and the engine used.
+    """
+    n = xc.shape[0]
+    offsets = [sum(sizes[:r]) for r in range(g.world)]
+    my_off = offsets[g.rank]
+    total = sum(sizes)
+    kc = min(total - 1, k + EXTRA_CANDIDATES)
+    can = engine_name == "triton" and (n == 0 or xc.device.type == "cuda" or _interp())
+    # every rank must take the same path (the Triton path has a collective of its own)
+    use_triton = int(g.all_reduce(torch.tensor([int(can)], dtype=torch.int64), dist.ReduceOp.MIN)) == 1
+    if use_triton:
+        from .backends.triton_backend import default_precision, operand_scale  # noqa: PLC0415
+
+        local_top = torch.tensor([float(scale_src.abs().max()) if scale_src.numel() else 0.0],
+                                 dtype=torch.float64)
+        top = float(g.all_reduce(local_top, dist.ReduceOp.MAX))
+        scale = operand_scale(torch.tensor([top]), default_precision())
+        engine = _TritonCross(xc, scale) if n else None
+    else:
+        engine = _TorchCross(xc) if n else None
+    name = "triton" if use_triton else "torch"
+
+    inf = float("inf")
+    best_d = torch.full((n, k), inf, dtype=xc.dtype, device=xc.device)
+    best_i = torch.full((n, k), -1, dtype=torch.int64, device=xc.device)
+    floor = torch.full((n,), inf, dtype=torch.float64, device=xc.device)
+
+    def visit(owner: int, keys: torch.Tensor) -> None:
+        nonlocal best_d, best_i, floor
+        if n == 0 or keys.shape[0] == 0:
+            return
+        k_off = offsets[owner]
+        own = owner == g.rank
+        avail = keys.shape[0] - (1 if own else 0)
+        kcs = min(kc, avail)
+        if kcs <= 0:
+            return
+        d_apx, i_loc, err = engine.search(keys, kcs, my_off, k_off)
+        exact = _direct(xc, keys, i_loc)
+        exact = torch.where(i_loc >= 0, exact, torch.full_like(exact, inf))
+        gidx = torch.where(i_loc >= 0, i_loc + k_off, i_loc)
+        best_d, best_i = _merge(best_d, best_i, exact.to(best_d.dtype), gidx, k)
+        if kcs < avail:  # some keys of this shard are not candidates: bound them from below
+            f = d_apx[:, -1].to(torch.float64) - torch.as_tensor(err, device=xc.device).to(torch.float64)
+            floor = torch.minimum(floor, f)
+
+    _ring(g, xc, sizes, visit)
+
+    bad = torch.nonzero(best_d[:, -1].to(torch.float64) > floor).flatten() if n else \
+        torch.empty(0, dtype=torch.int64, device=xc.device)
+    n_bad = int(g.all_reduce(torch.tensor([bad.numel()], dtype=torch.int64)))
+    if n_bad:
+        fd, fi = _float64_rows(g, xc, bad, sizes, offsets, k)
+        best_d = best_d.clone()
+        best_d[bad] = fd.to(best_d.dtype)
+        best_i[bad] = fi
+    return best_d, best_i, n_bad, name
+
+
+def _float64_rows(g: _Group, xc: torch.Tensor, rows: torch.Tensor, sizes, offsets, k):
+    """Exact float64 k-NN of the local rows ``rows`` against every shard (second ring pass)."""
+    q = xc[rows].to(torch.float64)
+    m = q.shape[0]
+    sq = (q * q).sum(1)
+    best_d = torch.full((m, k), float("inf"), dtype=torch.float64, device=xc.device)
+    best_i = torch.full((m, k), -1, dtype=torch.int64, device=xc.device)
+    q_glob = rows + offsets[g.rank]
+
+    def visit(owner: int, keys: torch.Tensor) -> None:
+        nonlocal best_d, best_i
+        if m == 0 or keys.shape[0] == 0:
+            return
+        kk = keys.to(torch.float64)
+        sk = (kk * kk).sum(1)
+        kg = torch.arange(kk.shape[0], device=xc.device) + offsets[owner]
+        c = min(kk.shape[0], k + EXTRA_CANDIDATES)
+        block = max(1, (64 << 20) // max(1, 8 * kk.shape[0]))
+        for s in range(0, m, block):
+            e = min(m, s + block)
+            d2 = sq[s:e].unsqueeze(1) + sk.unsqueeze(0) - 2.0 * (q[s:e] @ kk.T)
+            d2[q_glob[s:e].unsqueeze(1) == kg.unsqueeze(0)] = float("inf")
+            ad, cand = torch.topk(d2, c, dim=1, largest=False)
+            exact = _direct(q[s:e], kk, cand)
+            exact = torch.where(ad == float("inf"), torch.full_like(exact, float("inf")), exact)
+            nd, ni = _merge(best_d[s:e], best_i[s:e], exact, cand + offsets[owner], k)
+            best_d[s:e] = nd
+            best_i[s:e] = ni
+
+    _ring(g, xc, sizes, visit)
+    return best_d, best_i
+
+
+def _interp() -> bool:
+    import os  # noqa: PLC0415
+
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> str:
+    """The engine name on this rank (a forced backend that cannot run raises on every rank)."""
+    error = None
+    name = backend or "torch"
+    try:
+        name = select_backend(xt, backend).name
+    except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
+        error = exc
+    g.agree(error)
+    return name
+
+
+def _centre_global(g: _Group, x: torch.Tensor, total: int) -> torch.Tensor:
+    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.centre`)."""
+    cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = x.sum(dim=0, dtype=torch.float64) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64,
+                                                                         device=x.device)
+    mean = g.all_reduce(s) / total
+    return (x.to(cdt) - mean.to(device=x.device, dtype=cdt)).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Public API
+# ---------------------------------------------------------------------------------------------------
+def knn2_distributed(
+    x_local: ArrayLike,
+    k: int = 2,
+    group=None,
+    *,
+    backend: Optional[str] = None,
+    gather: bool = True,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours of the points of all ranks (global indices), like :func:`gelora.knn2`
+    on the concatenation of every rank's ``x_local`` in rank order.
+
+    Args:
+        x_local: (n_r, D) or (B, T, D) shard of this rank (tensor/array; may be empty on some ranks).
+        k: neighbours per point.
+        group: process group (default: the world group).
+        backend: engine of the local searches: ``"triton"`` uses the Triton kernel (CUDA shards),
+            anything else the blocked torch search on the shard's device.
+        gather: return the (N, k) result of all points on every rank (default) or only this rank's rows.
+
+    Returns:
+        dist: (N, k) float32 distances (not squared), ascending; idx: (N, k) int64 global indices.
+    """
+    g = _Group(group)
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k!r}")
+    xt, err = _local_points(x_local, None)
+    g.agree(err)
+    _check_shapes(g, xt)
+    sizes = g.all_gather_sizes(xt.shape[0])
+    total = sum(sizes)
+    if total < k + 1:
+        raise ValueError(f"x: {total} point(s) over all ranks; k={k} needs at least {k + 1}")
+    engine = _select(g, xt, backend)
+    xc = _centre_global(g, xt, total)
+    d2, idx, _, _ = _knn_sharded(g, xc, sizes, k, engine, xc)
+    dist_ = d2.clamp_min(0).sqrt().float()
+    if gather:
+        dist_ = g.all_gather_rows(dist_, sizes)
+        idx = g.all_gather_rows(idx, sizes)
+    return dist_, idx
+
+
+def twonn_distributed(
+    x_local: ArrayLike,
+    group=None,
+    *,
+    estimator: str = "mle",
+    discard_fraction: float = 0.1,
+    dedup: bool = True,
+    backend: Optional[str] = None,
+    mask: Optional[ArrayLike] = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+) -> TwoNNResult:
+    """Exact TwoNN intrinsic dimension of the points of all ranks; the same result on every rank.
+
+    Arguments as :func:`gelora.twonn` (``x_local`` and ``mask`` are this rank's shard), plus ``group``
+    (default: the world group). Equal to ``gelora.twonn`` of the concatenated shards (rank order).
+    """
+    g = _Group(group)
+    error: Optional[BaseException] = None
+    try:
+        _check_estimator(estimator, discard_fraction)
+    except ValueError as exc:
+        error = exc
+    xt, perr = _local_points(x_local, mask)
+    g.agree(error or perr)
+    _check_shapes(g, xt)
+    n_points = sum(g.all_gather_sizes(xt.shape[0]))
+
+    if dedup:
+        if xt.shape[0]:
+            keep, _ = unique_rows(xt)
+            xt = xt[keep]
+        xt = _drop_earlier_duplicates(g, xt)
+    sizes = g.all_gather_sizes(xt.shape[0])
+    total = sum(sizes)
+    n_dup = n_points - total
+    if total < 3:
+        raise ValueError(f"only {total} distinct point(s) among {n_points} over all ranks; TwoNN needs at least 3")
+    engine = _select(g, xt, backend)
+    xc = _centre_global(g, xt, total)
+    d2, _, n_fixed, used = _knn_sharded(g, xc, sizes, 2, engine, xc)
+    dist_all = g.all_gather_rows(d2.clamp_min(0).sqrt(), sizes)
+    res = id_from_distances(dist_all, estimator=estimator, discard_fraction=discard_fraction,
+                            bootstrap=bootstrap, seed=seed)
+    if res["n_zero_r1"] and not dedup:
+        warnings.warn(f"twonn: dropped {res['n_zero_r1']} point(s) with r1 == 0 (exact duplicates); "
+                      "pass dedup=True to collapse duplicates instead", stacklevel=2)
+    return TwoNNResult(
+        id=res["id"], stderr=res["stderr"], n_points=n_points, n_used=res["n_used"], n_duplicates=n_dup,
+        estimator=estimator, backend=used, discard_fraction=float(discard_fraction),
+        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"],
+        bootstrap_ids=res["bootstrap_ids"], mu=res["mu"],
+    )
+
+
+def _drop_earlier_duplicates(g: _Group, xt: torch.Tensor) -> torch.Tensor:
+    """Drop local rows that equal a row of an earlier rank (bit-exact, as :func:`unique_rows`)."""
+    if g.world == 1:
+        return xt
+    sizes = g.all_gather_sizes(xt.shape[0])
+    dup = torch.zeros(xt.shape[0], dtype=torch.bool, device=xt.device)
+
+    def visit(owner: int, rows: torch.Tensor) -> None:
+        if owner >= g.rank or rows.shape[0] == 0 or xt.shape[0] == 0:
+            return
+        keep, _ = unique_rows(torch.cat([rows, xt]))
+        first = torch.zeros(rows.shape[0] + xt.shape[0], dtype=torch.bool, device=xt.device)
+        first[keep] = True
+        dup.logical_or_(~first[rows.shape[0]:])
+
+    _ring(g, xt, sizes, visit)
+    return xt[~dup]

@@ -1,0 +1,194 @@
+"""gelora.distributed: sharded exact kNN / TwoNN on 2 CPU processes (gloo) against one process.
+
+Each test spawns two ranks with ``torch.multiprocessing.spawn``; the ranks run the checks below on
+their shard and compare with ``gelora.twonn`` / ``gelora.knn_reference`` of the concatenated points,
+which every rank can compute on these small sets. A failing assertion in a rank fails the spawn (and
+the test, with the rank's traceback); each rank also writes the names of the checks it passed, and the
+test asserts that both ranks ran all of them and returned the same ID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _points(n=301, d=40, seed=0, intrinsic=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, intrinsic, generator=g) @ torch.randn(intrinsic, d, generator=g) + 2.0
+    x[100] = x[250]  # duplicate across the 120 / 181 split
+    x[7] = x[200]    # another one
+    x[8] = x[9]      # and one inside rank 0
+    return x
+
+
+def _check_knn(dist_, idx, x, k):
+    """Tie-aware: distances equal the float64 reference; each index is a distinct other point at the
+    distance reported for it."""
+    import gelora
+
+    rd, _ = gelora.knn_reference(x, k=k)
+    assert torch.allclose(dist_.double(), rd, rtol=1e-5, atol=1e-6), (dist_.double() - rd).abs().max()
+    xc = x.double() - x.double().mean(0)
+    at = (xc[idx] - xc.unsqueeze(1)).pow(2).sum(-1).sqrt()
+    assert torch.allclose(at, rd, rtol=1e-5, atol=1e-6)
+    assert bool((idx != torch.arange(x.shape[0]).unsqueeze(1)).all())
+    s = torch.sort(idx, 1).values
+    assert bool((s[:, 1:] != s[:, :-1]).all())
+
+
+def _same_result(a, b, rtol=1e-9):
+    assert abs(a.id - b.id) <= rtol * abs(b.id), (a.id, b.id)
+    assert a.n_points == b.n_points and a.n_duplicates == b.n_duplicates, (a, b)
+    assert a.n_used == b.n_used and a.n_zero_r1 == b.n_zero_r1 and a.n_ties == b.n_ties, (a, b)
+
+
+def _worker(rank, world, port, outdir, backend):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    done = []
+    try:
+        import gelora
+        from gelora.distributed import knn2_distributed, twonn_distributed
+
+        x = _points()
+        cuts = [0, 120, x.shape[0]]
+        xl = x[cuts[rank]:cuts[rank + 1]]
+
+        # kNN with global indices, gathered on every rank and local only
+        d, i = knn2_distributed(xl, k=3, backend=backend)
+        _check_knn(d, i, x, 3)
+        dl, il = knn2_distributed(xl, k=3, backend=backend, gather=False)
+        assert torch.equal(dl, d[cuts[rank]:cuts[rank + 1]]) and torch.equal(il, i[cuts[rank]:cuts[rank + 1]])
+        done.append("knn")
+
+        # TwoNN: duplicates inside a rank and across ranks, same as one process
+        ref = gelora.twonn(x, backend="torch")
+        res = twonn_distributed(xl, backend=backend)
+        assert res.n_duplicates == 3, res.n_duplicates
+        _same_result(res, ref)
+        assert res.backend == (backend or "torch")
+        ids = {"mle": res.id}
+        done.append("twonn")
+
+        if backend is None:
+            # other estimators, no dedup (the r1 = 0 points are dropped with a warning, as in twonn)
+            for est in ("linear", "mle_censored"):
+                with warnings.catch_warnings(record=True) as w:
+                    warnings.simplefilter("always")
+                    r = twonn_distributed(xl, estimator=est, dedup=False)
+                assert any("r1 == 0" in str(m.message) for m in w)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    _same_result(r, gelora.twonn(x, estimator=est, dedup=False, backend="torch"))
+                ids[est] = r.id
+            done.append("estimators")
+
+            # float64 input
+            _same_result(twonn_distributed(xl.double()), gelora.twonn(x.double(), backend="torch"))
+            done.append("float64")
+
+            # an empty shard: rank 0 holds nothing
+            xe = x if rank == 1 else x[:0]
+            _same_result(twonn_distributed(xe), ref)
+            de, ie = knn2_distributed(xe, k=2)
+            _check_knn(de, ie, x, 2)
+            done.append("empty_shard")
+
+            # an explicit process group
+            grp = dist.new_group(list(range(world)))
+            _same_result(twonn_distributed(xl, group=grp), ref)
+            done.append("group")
+
+            # (B, T, D) hidden states with an attention mask
+            h = x[:300].reshape(2, 150, 40)
+            m = torch.ones(2, 150, dtype=torch.bool)
+            m[:, 140:] = False
+            hl, ml = h[rank:rank + 1], m[rank:rank + 1]
+            _same_result(twonn_distributed(hl, mask=ml), gelora.twonn(h, mask=m, backend="torch"))
+            done.append("mask")
+
+            # far-off clusters: float32 products cannot separate the neighbours, so every row is
+            # recomputed in float64 (the second ring pass) and the result is still exact
+            g = torch.Generator().manual_seed(5)
+            far = torch.randn(80, 16, generator=g) * 1e-3
+            far[:40] += 1e4
+            far[40:] -= 1e4
+            fl = far[rank * 40:(rank + 1) * 40]
+            d2, i2 = knn2_distributed(fl, k=2)
+            _check_knn(d2, i2, far, 2)
+            rf = twonn_distributed(fl)
+            assert rf.n_fixed > 0, rf.n_fixed
+            _same_result(rf, gelora.twonn(far, backend="torch"), rtol=1e-6)
+            done.append("float64_fallback")
+
+            # bad input on one rank raises on every rank (no hang)
+            bad = xl.clone()
+            if rank == 1:
+                bad[3, 2] = float("nan")
+            with pytest.raises((ValueError, RuntimeError), match="NaN|another rank"):
+                twonn_distributed(bad)
+            with pytest.raises(ValueError, match="estimator"):
+                twonn_distributed(xl, estimator="nope")
+            # mismatched D across ranks
+            with pytest.raises(ValueError, match="same dimension"):
+                twonn_distributed(xl if rank == 0 else xl[:, :30])
+            done.append("bad_input")
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump({"done": done, "ids": ids}, f)
+
+
+def _spawn(tmp_path, backend):
+    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), backend), nprocs=WORLD, join=True)
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    return out
+
+
+def test_sharded_knn_and_twonn_match_one_process(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = _spawn(tmp_path, None)
+    expected = ["knn", "twonn", "estimators", "float64", "empty_shard", "group", "mask",
+                "float64_fallback", "bad_input"]
+    for r in out:
+        assert r["done"] == expected, r["done"]
+    assert out[0]["ids"] == out[1]["ids"]  # bit-identical on every rank
+    assert 4.0 < out[0]["ids"]["mle"] < 6.5
+
+
+@pytest.mark.interpreter
+def test_sharded_with_triton_kernel_in_interpreter(tmp_path, monkeypatch):
+    """The Triton cross search (rows-only launches against each shard) in the CPU interpreter."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
+    out = _spawn(tmp_path, "triton")
+    for r in out:
+        assert r["done"] == ["knn", "twonn"], r["done"]
+    assert out[0]["ids"] == out[1]["ids"]
+
+
+def test_needs_an_initialised_group():
+    from gelora.distributed import twonn_distributed
+
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="not initialised"):
+        twonn_distributed(torch.randn(10, 3))
