@@ -36,6 +36,14 @@ def report() -> str:
         lines.append(f"  {name:7s} {mark}  {desc}")
         for r in reasons:
             lines.append(f"           - {r}")
+    from gelora.lora import describe_lora_backends
+
+    lines.append("")
+    lines.append("fused LoRA backends (for this machine's default device):")
+    for name, usable, reasons, desc in describe_lora_backends():
+        lines.append(f"  {name:7s} {'usable ' if usable else 'missing'}  {desc}")
+        for r in reasons:
+            lines.append(f"           - {r}")
     return "\n".join(lines)
 
 
