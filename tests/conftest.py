@@ -26,3 +26,36 @@ def subspace_points(n=2000, d=8, D=64, offset=5.0, seed=0, dtype=torch.float32):
     z = torch.randn(n, d, generator=g, dtype=torch.float64)
     basis = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64)).Q
     return (z @ basis.T + offset).to(dtype)
+
+
+def tiny_bert(seed: int = 0):
+    """A 3-layer BERT encoder with random weights (hidden 32), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                  intermediate_size=48, max_position_embeddings=64)
+    return transformers.BertModel(cfg).eval()
+
+
+def tiny_llama(seed: int = 0):
+    """A 3-layer Llama decoder with random weights (hidden 32, grouped KV heads), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A 3-layer GPT-2 decoder with random weights (hidden 32), in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                  bos_token_id=1, eos_token_id=2)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}

@@ -14,28 +14,7 @@ from gelora.peft_bridge import adapter_ranks, lora_config, pattern_key, rank_cos
 from gelora.ranks import allocate_ranks  # noqa: E402
 
 
-def tiny_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64)
-    return transformers.BertModel(cfg).eval()
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                  bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
+from conftest import BUILDERS, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402,F401
 IDS = [6.0, 9.3, 9.0, 13.5]  # bounds 5, 1, 6
 
 

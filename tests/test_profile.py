@@ -23,28 +23,7 @@ from gelora.profile import (
 transformers = pytest.importorskip("transformers")
 
 
-def tiny_bert(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                  intermediate_size=48, max_position_embeddings=64)
-    return transformers.BertModel(cfg).eval()
-
-
-def tiny_llama(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                                   num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
-    return transformers.LlamaForCausalLM(cfg).eval()
-
-
-def tiny_gpt2(seed: int = 0):
-    torch.manual_seed(seed)
-    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=3, n_head=4, n_positions=64,
-                                  bos_token_id=1, eos_token_id=2)
-    return transformers.GPT2LMHeadModel(cfg).eval()
-
-
-BUILDERS = {"bert": tiny_bert, "llama": tiny_llama, "gpt2": tiny_gpt2}
+from conftest import BUILDERS, tiny_bert, tiny_gpt2, tiny_llama  # noqa: E402,F401
 
 
 def padded_batch(n: int = 24, t: int = 11, seed: int = 1):
