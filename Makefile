@@ -20,7 +20,7 @@ run: $(STAMP)
 	$(VENV)/bin/gelora profile
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	GELORA_REQUIRE_EXT=1 $(PY) -m pytest -q
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""

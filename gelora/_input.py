@@ -15,6 +15,25 @@ ArrayLike = Union[torch.Tensor, np.ndarray]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
+_CORE = []
+
+
+def cpu_core(t: torch.Tensor):
+    """The C++ core module when it is built and ``t`` is a float32/float64 CPU tensor, else None.
+
+    Its one-pass helpers (finiteness, row hash, float64 mean, centring, direct distances) replace
+    chains of full-size torch temporaries; on a shared machine those chains cost far more than their
+    arithmetic (every torch op is an OpenMP region that waits for descheduled threads)."""
+    if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    if not _CORE:
+        try:
+            from . import _C  # noqa: PLC0415 - optional compiled extension
+        except ImportError:
+            _C = None
+        _CORE.append(_C)
+    return _CORE[0]
+
 
 def to_tensor(x: ArrayLike, name: str = "x") -> torch.Tensor:
     """Wrap a numpy array or torch tensor as a tensor without copying where possible."""
@@ -98,7 +117,12 @@ def as_points(
         raise ValueError(
             f"{name}: {n} usable point(s); TwoNN needs at least {min_points} (two neighbours per point)"
         )
-    if check_finite and not bool(torch.isfinite(t).all()):
-        bad = int((~torch.isfinite(t)).any(dim=1).sum())
-        raise ValueError(f"{name}: {bad} row(s) contain NaN or Inf; clean or mask them before estimating")
+    if check_finite:
+        core = cpu_core(t)
+        if core is not None:
+            bad = core.prepare_points(t.detach().contiguous().numpy(), n_threads=torch.get_num_threads())[2]
+        else:
+            bad = 0 if bool(torch.isfinite(t).all()) else int((~torch.isfinite(t)).any(dim=1).sum())
+        if bad:
+            raise ValueError(f"{name}: {bad} row(s) contain NaN or Inf; clean or mask them before estimating")
     return t

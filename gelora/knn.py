@@ -18,7 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._input import ArrayLike, as_points
+from ._input import ArrayLike, as_points, cpu_core
 from .backends import KnnBackend, select_backend
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
@@ -33,6 +33,12 @@ def centre(x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torc
     float64 for float64 input), contiguous, on the device of ``x``."""
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    core = cpu_core(x) if x.dtype == compute_dtype else None
+    if core is not None:
+        arr = x.detach().contiguous().numpy()
+        nt = torch.get_num_threads()
+        _, mean, _ = core.prepare_points(arr, n_threads=nt)
+        return torch.from_numpy(core.centre(arr, mean, n_threads=nt))
     mean = x.mean(dim=0, dtype=torch.float64)
     return (x.to(compute_dtype) - mean.to(compute_dtype)).contiguous()
 
@@ -112,7 +118,8 @@ def knn_exact(
     kc = min(n - 1, k + getattr(engine, "extra_candidates", EXTRA_CANDIDATES))
     cand_d2, cand_idx, err = engine.search(xc, kc, src_dtype=src_dtype)
     rows = torch.arange(n, device=xc.device)
-    exact = direct_sq_dist(xc, rows, cand_idx)
+    rerank = getattr(engine, "rerank", None)
+    exact = rerank(xc, cand_idx) if rerank is not None else direct_sq_dist(xc, rows, cand_idx)
     exact, order = torch.sort(exact, dim=1, stable=True)
     idx = torch.gather(cand_idx, 1, order)[:, :k]
     d2 = exact[:, :k]

@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._input import ArrayLike, as_points
+from ._input import ArrayLike, as_points, cpu_core
 from .backends import select_backend
 from .knn import _compute_dtype, centre, knn_exact
 
@@ -112,13 +112,18 @@ def unique_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
     n, d = x.shape
     gen = torch.Generator(device="cpu").manual_seed(0x6E10)
     coef = (torch.randint(1, 2**62, (d,), generator=gen, dtype=torch.int64) | 1).to(x.device)
-    h = torch.empty(n, dtype=torch.int64, device=x.device)
-    step = max(1, HASH_CHUNK_ELEMS // d)
-    for s in range(0, n, step):
-        bits = (x[s : s + step] + 0.0).view(_INT_VIEW[x.dtype]).to(torch.int64)
-        # a linear hash of the row's bit pattern, wrapping modulo 2^64 (integer mv on the CPU is ~10x
-        # faster than mul + sum; CUDA has no integer mv)
-        h[s : s + step] = bits @ coef if x.device.type == "cpu" else (bits * coef).sum(dim=1)
+    core = cpu_core(x)
+    if core is not None:
+        h = torch.from_numpy(core.prepare_points(x.detach().contiguous().numpy(), coef.numpy(),
+                                                 n_threads=torch.get_num_threads())[0])
+    else:
+        h = torch.empty(n, dtype=torch.int64, device=x.device)
+        step = max(1, HASH_CHUNK_ELEMS // d)
+        for s in range(0, n, step):
+            bits = (x[s : s + step] + 0.0).view(_INT_VIEW[x.dtype]).to(torch.int64)
+            # a linear hash of the row's bit pattern, wrapping modulo 2^64 (integer mv on the CPU is ~10x
+            # faster than mul + sum; CUDA has no integer mv)
+            h[s : s + step] = bits @ coef if x.device.type == "cpu" else (bits * coef).sum(dim=1)
     uniq, inverse = torch.unique(h, return_inverse=True)
     if uniq.numel() == n:
         return torch.arange(n, device=x.device), 0
