@@ -7,6 +7,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def import_core():
+    """``gelora._C``, or skip the calling test module when it is not built (an error instead when
+    ``GELORA_REQUIRE_EXT`` is set, as in CI, so that a broken build cannot pass as skipped tests)."""
+    try:
+        from gelora import _C
+    except ImportError as exc:  # pragma: no cover - depends on the build
+        if os.environ.get("GELORA_REQUIRE_EXT", "") in {"1", "true", "yes", "on"}:
+            raise
+        pytest.skip(f"gelora._C is not built: {exc}", allow_module_level=True)
+    return _C
+
+
 def usable_backends(device: str = "cpu"):
     from gelora.backends import all_backends
 

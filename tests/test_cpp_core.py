@@ -20,12 +20,9 @@ from gelora.backends import cpp_backend, get_backend, select_backend
 from gelora.backends.torch_backend import gemm_error_bound
 from gelora.testing import assert_knn_match
 
-try:
-    from gelora import _C
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("GELORA_REQUIRE_EXT", "") in {"1", "true", "yes", "on"}:
-        raise
-    pytest.skip(f"gelora._C is not built: {exc}", allow_module_level=True)
+from conftest import import_core  # noqa: E402
+
+_C = import_core()
 
 ISAS = _C.info()["isas"]
 DTYPES = [np.float32, np.float64]

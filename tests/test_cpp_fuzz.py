@@ -3,7 +3,6 @@ counts and instruction sets, with duplicates, integer lattices (exact ties) and 
 against the float64 reference."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
@@ -14,12 +13,9 @@ from hypothesis import strategies as st
 import gelora
 from gelora.testing import assert_knn_match
 
-try:
-    from gelora import _C
-except ImportError as exc:  # pragma: no cover - depends on the build
-    if os.environ.get("GELORA_REQUIRE_EXT", "") in {"1", "true", "yes", "on"}:
-        raise
-    pytest.skip(f"gelora._C is not built: {exc}", allow_module_level=True)
+from conftest import import_core  # noqa: E402
+
+_C = import_core()
 
 from test_cpp_core import check_candidates, derived_atol  # noqa: E402
 
