@@ -356,13 +356,9 @@ def collate(seqs: Sequence[Sequence[int]], pad_id: int, labels: Optional[Sequenc
     ``labels`` (B,) int64 when given."""
     import torch
 
-    t = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), t), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, :len(s)] = 1
-    out = {"input_ids": ids, "attention_mask": mask}
+    from gelora.profile import _pad_right
+
+    out = _pad_right([list(q) for q in seqs], pad_id)
     if labels is not None:
         out["labels"] = torch.tensor(list(labels), dtype=torch.long)
     return out
@@ -843,27 +839,33 @@ def _pm(mean: Optional[float], sd: Optional[float], sep: str) -> str:
     return "-" if mean is None else f"{100 * mean:.2f}{sep}{100 * sd:.2f}"
 
 
+def _summary_cells(r: Dict[str, Any], sep: str) -> Dict[str, str]:
+    """The formatted cells of one summary row (``sep`` joins mean and std: ``" +/- "`` or ``" ± "``)."""
+    d = r.get("d_acc_vs_uniform")
+    lp = f"{r['lora_params']:,}"
+    if r["lora_trainable"] != r["lora_params"]:
+        lp += f" ({r['lora_trainable']:,} trained)"
+    prep_rss = f"{r['peak_rss_prep_mib']:.0f}" if r["peak_rss_prep_mib"] else "-"
+    return {
+        "method": r["method"], "lora": lp, "head": f"{r['head_params']:,}",
+        "acc": _pm(r["test_acc"], r["test_acc_sd"], sep), "f1": _pm(r["test_f1"], r["test_f1_sd"], sep),
+        "val": _pm(r["val_acc"], r["val_acc_sd"], sep),
+        "vs": "" if d is None or r["method"] == "uniform" else f"{100 * d:+.2f}{sep}{100 * r['d_acc_vs_uniform_sd']:.2f}",
+        "prep": f"{r['prep_s']:.1f}", "alloc": f"{r['alloc_s']:.2f}", "train": f"{r['train_s']:.1f}",
+        "share": f"{100 * r['prep_share']:.1f}%", "step": f"{r['step_s']:.3f}",
+        "loss": f"{r['loss_first']:.3f}->{r['loss_last']:.3f}",
+        "rss_prep": prep_rss, "rss_train": f"{r['peak_rss_train_mib']:.0f}",
+    }
+
+
 def table(rows: List[Dict[str, Any]]) -> str:
     cols = ["method", "LoRA params", "head", "test acc %", "macro-F1 %", "val acc %", "vs uniform (pp)",
             "prep s", "alloc s", "train s", "prep share", "s/step", "loss first->last", "peak RSS MiB (prep/train)"]
+    keys = ["method", "lora", "head", "acc", "f1", "val", "vs", "prep", "alloc", "train", "share", "step", "loss"]
     cells = []
     for r in rows:
-        d = r.get("d_acc_vs_uniform")
-        dtxt = ("" if d is None or r["method"] == "uniform"
-                else f"{100 * d:+.2f} +/- {100 * r['d_acc_vs_uniform_sd']:.2f}")
-        lp = f"{r['lora_params']:,}"
-        if r["lora_trainable"] != r["lora_params"]:
-            lp += f" ({r['lora_trainable']:,} trained)"
-        prep_rss = r["peak_rss_prep_mib"]
-        cells.append([
-            r["method"], lp, f"{r['head_params']:,}",
-            f"{100 * r['test_acc']:.2f} +/- {100 * r['test_acc_sd']:.2f}",
-            f"{100 * r['test_f1']:.2f} +/- {100 * r['test_f1_sd']:.2f}",
-            _pm(r["val_acc"], r["val_acc_sd"], " +/- "), dtxt,
-            f"{r['prep_s']:.1f}", f"{r['alloc_s']:.2f}", f"{r['train_s']:.1f}", f"{100 * r['prep_share']:.1f}%",
-            f"{r['step_s']:.3f}", f"{r['loss_first']:.3f}->{r['loss_last']:.3f}",
-            f"{prep_rss:.0f}/{r['peak_rss_train_mib']:.0f}" if prep_rss else f"-/{r['peak_rss_train_mib']:.0f}",
-        ])
+        c = _summary_cells(r, " +/- ")
+        cells.append([c[k] for k in keys] + [f"{c['rss_prep']}/{c['rss_train']}"])
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(cols, widths)), "  ".join("-" * w for w in widths)]
     lines += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths)))
@@ -875,20 +877,10 @@ def markdown_table(rows: List[Dict[str, Any]]) -> str:
     head = ("| method | LoRA params | head params | test acc % | test macro-F1 % | val acc % | vs uniform (pp) | "
             "prep s | alloc s | train s | prep share | peak RSS MiB prep / train |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
+    keys = ["method", "lora", "head", "acc", "f1", "val", "vs", "prep", "alloc", "train", "share"]
     for r in rows:
-        d = r.get("d_acc_vs_uniform")
-        dtxt = ("" if d is None or r["method"] == "uniform"
-                else f"{100 * d:+.2f} ± {100 * r['d_acc_vs_uniform_sd']:.2f}")
-        lp = f"{r['lora_params']:,}"
-        if r["lora_trainable"] != r["lora_params"]:
-            lp += f" ({r['lora_trainable']:,} trained)"
-        prep_rss = f"{r['peak_rss_prep_mib']:.0f}" if r["peak_rss_prep_mib"] else "-"
-        lines.append(
-            f"| {r['method']} | {lp} | {r['head_params']:,} | "
-            f"{100 * r['test_acc']:.2f} ± {100 * r['test_acc_sd']:.2f} | "
-            f"{100 * r['test_f1']:.2f} ± {100 * r['test_f1_sd']:.2f} | {_pm(r['val_acc'], r['val_acc_sd'], ' ± ')} | "
-            f"{dtxt} | {r['prep_s']:.1f} | {r['alloc_s']:.2f} | {r['train_s']:.1f} | {100 * r['prep_share']:.1f}% | "
-            f"{prep_rss} / {r['peak_rss_train_mib']:.0f} |")
+        c = _summary_cells(r, " ± ")
+        lines.append("| " + " | ".join(c[k] for k in keys) + f" | {c['rss_prep']} / {c['rss_train']} |")
     return "\n".join(lines)
 
 
