@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <string>
 
@@ -14,6 +15,7 @@
 #endif
 
 #include "direct_dist.h"
+#include "lora_grad.h"
 #include "point_prep.h"
 #include "symmetric_knn.h"
 #include "tile_kernel.h"
@@ -260,6 +262,70 @@ py::array centre(const py::array& x, const py::array& mean, int n_threads, py::o
   return centre_t<double>(x, mean, n_threads, out);
 }
 
+// A float32, 2-D, C-contiguous, aligned operand of lora_grad.
+void check_f32_matrix(const py::array& a, const char* name, const char* what) {
+  require_ndim(a, 2, name, what);
+  if (!py::isinstance<py::array_t<float>>(a))
+    throw py::type_error(std::string(name) + ": dtype must be float32, got " + dtype_str(a));
+  require_c_contiguous(a, name);
+}
+
+py::tuple lora_grad(const py::array& x, const py::array& dy, const py::array& a, const py::array& b, double scaling,
+                    bool want_t, int n_threads, const std::string& isa, int64_t block_rows) {
+  check_f32_matrix(x, "x", "(m, k) input");
+  check_f32_matrix(dy, "dy", "(m, n) output gradient");
+  check_f32_matrix(a, "a", "(r, k) lora_A");
+  check_f32_matrix(b, "b", "(n, r) lora_B");
+  const int64_t m = x.shape(0), k = x.shape(1), n = dy.shape(1), r = a.shape(0);
+  if (dy.shape(0) != m)
+    throw py::value_error("dy: shape " + shape_str(dy) + " has " + std::to_string(dy.shape(0)) + " rows but x " +
+                          shape_str(x) + " has " + std::to_string(m));
+  if (k < 1 || n < 1) throw py::value_error("x and dy need at least one column, got " + shape_str(x) + " and " + shape_str(dy));
+  if (r < 1) throw py::value_error("a: LoRA rank must be >= 1, got shape " + shape_str(a));
+  if (a.shape(1) != k)
+    throw py::value_error("a: shape " + shape_str(a) + " does not match (r, k) with k = " + std::to_string(k));
+  if (b.shape(0) != n || b.shape(1) != r)
+    throw py::value_error("b: shape " + shape_str(b) + " does not match (n, r) = (" + std::to_string(n) + ", " +
+                          std::to_string(r) + ")");
+  if (!std::isfinite(scaling)) throw py::value_error("scaling must be finite");
+  if (n_threads < 0) throw py::value_error("n_threads must be >= 0 (0: OpenMP default)");
+  if (block_rows < 0) throw py::value_error("block_rows must be >= 0 (0: from the cache size)");
+  py::array_t<float> da({r, k}), db({n, r});
+  py::object t_obj = py::none();
+  float* tp = nullptr;
+  if (want_t) {
+    py::array_t<float> t({m, r});
+    tp = t.mutable_data();
+    t_obj = t;
+  }
+  gelora::LoraGradArgs args;
+  args.x = static_cast<const float*>(x.data());
+  args.dy = static_cast<const float*>(dy.data());
+  args.a = static_cast<const float*>(a.data());
+  args.b = static_cast<const float*>(b.data());
+  args.m = m;
+  args.k = k;
+  args.n = n;
+  args.r = r;
+  args.scaling = static_cast<float>(scaling);
+  args.da = da.mutable_data();
+  args.db = db.mutable_data();
+  args.t = tp;
+  args.n_threads = n_threads;
+  args.block_rows = block_rows;
+  gelora::LoraGradPlan plan;
+  {
+    py::gil_scoped_release release;
+    plan = gelora::lora_grad(args, isa);
+  }
+  py::dict info;
+  info["isa"] = plan.isa;
+  info["threads"] = plan.threads;
+  info["block_rows"] = plan.block_rows;
+  info["rank_pad"] = plan.rank_pad;
+  return py::make_tuple(da, db, t_obj, info);
+}
+
 py::dict info() {
   py::dict d;
   d["isas"] = gelora::available_isas();
@@ -352,6 +418,29 @@ Args:
 
 Returns:
     (n, dim) array of the dtype of x.
+)doc");
+  m.def("lora_grad", &lora_grad, py::arg("x"), py::arg("dy"), py::arg("a"), py::arg("b"), py::arg("scaling"),
+        py::kw_only(), py::arg("want_t") = false, py::arg("n_threads") = 0, py::arg("isa") = "auto",
+        py::arg("block_rows") = 0,
+        R"doc(Weight gradients of a LoRA projection y = x W^T + s (x A^T) B^T in one pass over x and dy.
+
+Computes S = s x A^T and T = s dy B per block of tokens and accumulates dA = T^T x and dB = dy^T S
+(see csrc/lora_grad.h).
+
+Args:
+    x: (m, k) float32 C-contiguous input. dy: (m, n) float32 gradient of the output.
+    a: (r, k) lora_A. b: (n, r) lora_B. scaling: s.
+    want_t: also return T = s dy B (m, r), the input gradient's LoRA factor (dX = dy W + T A).
+    n_threads: OpenMP threads (0: OpenMP's default). isa: "auto", "avx512", "avx2" or "generic".
+    block_rows: tokens per block (0: from the cache size).
+
+Returns:
+    (da, db, t, plan): da (r, k), db (n, r), t (m, r) or None, plan a dict (isa, threads, block_rows,
+    rank_pad).
+
+Raises:
+    TypeError: a dtype other than float32. ValueError: wrong ndim, non-contiguous operand, mismatched
+    shapes, rank 0, non-finite scaling, an unknown isa.
 )doc");
   m.def("info", &info, "Kernels this build carries and this CPU runs (best first), OpenMP, tile shapes.");
 }

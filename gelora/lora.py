@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ._input import cpu_core
 from .backends import BackendUnavailable
 
 
@@ -138,6 +139,19 @@ class LoraBackend:
             return list(reasons)
         return list(self.input_reasons(x.device, dtype or x.dtype))
 
+    def merge_plan(self, x, weights, ranks, recompute) -> Optional[bool]:
+        """Whether to run the layer on merged weights ``W_g + s_g B_g A_g`` (None: no; True: merge and
+        keep the merged weights for backward; False: merge, and merge again in backward)."""
+        return None
+
+    def weight_grads(self, x, dys, a_cat, lora_Bs, ranks, offsets, scalings, want_t):
+        """``(T_cat or None, [dA_g], [dB_g])`` from one fused pass, or None when this backend has none."""
+        return None
+
+    def weight_grads_recompute_s(self, x) -> bool:
+        """True when :meth:`weight_grads` runs on ``x`` and recomputes ``S`` itself (no need to keep it)."""
+        return False
+
 
 class TorchLoraBackend(LoraBackend):
     """Plain torch ops, any device: the LoRA term and the base GEMM accumulate into one output with
@@ -185,6 +199,62 @@ class TorchLoraBackend(LoraBackend):
         for dy, w in zip(dys, weights):
             dx.addmm_(dy, w)
         return dx
+
+    # Merged weights. y = x (W + s B A)^T is the same function as x W^T + s (x A^T) B^T; merging costs
+    # 2 N K r flops per merge, the separate LoRA term 2 M r (N + K) per forward+backward (expand, and T A
+    # in dX), so with M tokens >= N, K it is the cheaper form, and the forward then needs no S at all
+    # (the backward recomputes it). Only float32/float64: a bf16/fp16 W + s B A rounds the small update
+    # to the weight's 8 (11) bits and would erase it. The merged weights are kept for backward when they
+    # are no larger than the input that backward keeps anyway (N <= M); else they are merged again.
+    def merge_plan(self, x, weights, ranks, recompute):
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
+            return None
+        mode = os.environ.get("GELORA_LORA_MERGE", "auto")
+        if mode not in ("auto", "never", "always"):
+            raise ValueError(f"GELORA_LORA_MERGE must be auto, never or always, got {mode!r}")
+        if mode == "never":
+            return None
+        m, k = x.shape
+        n_sum = sum(w.shape[0] for w in weights)
+        keep = (not recompute) and n_sum <= m
+        merge_cost = (1 if keep else 2) * sum(w.shape[0] * k * r for w, r in zip(weights, ranks))
+        term_cost = sum(m * w.shape[0] * r for w, r in zip(weights, ranks)) + m * k * sum(ranks)
+        return keep if (mode == "always" or merge_cost < term_cost) else None
+
+    @staticmethod
+    def merged_weights(weights, lora_As, lora_Bs, scalings):
+        return [torch.addmm(w, bb, a, alpha=float(s)) for w, a, bb, s in zip(weights, lora_As, lora_Bs, scalings)]
+
+    def weight_grads_recompute_s(self, x):
+        return _cpu_lora_grad(x) is not None
+
+    def weight_grads(self, x, dys, a_cat, lora_Bs, ranks, offsets, scalings, want_t):
+        kernel = _cpu_lora_grad(x)
+        if kernel is None:
+            return None
+        xn = x.detach().numpy()
+        ts, d_as, d_bs = [], [], []
+        for dy, bb, r, off, s in zip(dys, lora_Bs, ranks, offsets, scalings):
+            da, db, t, _ = kernel(xn, dy.detach().numpy(), a_cat[off:off + r].detach().numpy(),
+                                  bb.detach().numpy(), float(s), want_t=want_t)
+            d_as.append(torch.from_numpy(da))
+            d_bs.append(torch.from_numpy(db))
+            ts.append(None if t is None else torch.from_numpy(t))
+        t_cat = None
+        if want_t:
+            t_cat = ts[0] if len(ts) == 1 else torch.cat(ts, dim=1)
+        return t_cat, d_as, d_bs
+
+
+def _cpu_lora_grad(x: torch.Tensor):
+    """``gelora._C.lora_grad`` (S, T, dA, dB in one pass over x and dY, see csrc/lora_grad.h) when it
+    can run on ``x``: a float32 CPU tensor, the extension built, and ``GELORA_LORA_CPU_KERNEL`` not 0."""
+    if x.device.type != "cpu" or x.dtype != torch.float32:
+        return None
+    if os.environ.get("GELORA_LORA_CPU_KERNEL", "1") == "0":
+        return None
+    core = cpu_core(x)
+    return getattr(core, "lora_grad", None)
 
 
 class TritonLoraBackend(LoraBackend):
@@ -350,49 +420,80 @@ def _forward(ctx, ops: LoraBackend, x, weights, biases, lora_As, lora_Bs, scalin
     weights = [w if w.is_contiguous() else w.contiguous() for w in weights]
     lora_Bs = [bb if bb.is_contiguous() else bb.contiguous() for bb in lora_Bs]
     a_cat = lora_As[0].contiguous() if len(lora_As) == 1 else torch.cat(lora_As, dim=0)
-    s_cat = ops.shrink(x2, a_cat, ranks, scalings)
-    ys = ops.expand(x2, s_cat, weights, biases, lora_Bs, ranks, offsets)
+    merge = ops.merge_plan(x2, weights, ranks, recompute)
+    if merge is None:
+        s_cat = ops.shrink(x2, a_cat, ranks, scalings)
+        ys = ops.expand(x2, s_cat, weights, biases, lora_Bs, ranks, offsets)
+        # the one-pass weight-gradient kernel recomputes S itself: nothing to keep then
+        keep_s = not recompute and not ops.weight_grads_recompute_s(x2)
+        kept = weights
+    else:
+        w_effs = TorchLoraBackend.merged_weights(weights, lora_As, lora_Bs, scalings)
+        ys = [torch.mm(x2, we.t()) if b is None else torch.addmm(b, x2, we.t()) for we, b in zip(w_effs, biases)]
+        s_cat, keep_s = None, False
+        kept = w_effs if merge else weights
     ctx.ops = ops
-    ctx.meta = (lead, ranks, offsets, [float(s) for s in scalings], recompute, len(weights),
-                [b is not None for b in biases])
-    ctx.save_for_backward(x2, a_cat, *weights, *lora_Bs, *(() if recompute else (s_cat,)))
+    ctx.meta = (lead, ranks, offsets, [float(s) for s in scalings], keep_s, len(weights),
+                [b is not None for b in biases], merge)
+    ctx.save_for_backward(x2, a_cat, *kept, *lora_Bs, *((s_cat,) if keep_s else ()))
     return [y.view(*lead, y.shape[-1]) for y in ys]
 
 
 def _backward(ctx, dys_in, needs_x, needs_w, needs_b, needs_a, needs_bb):
     """Shared backward; returns (dx, [dW_g], [db_g], [dA_g], [dB_g]) with None where not needed."""
-    lead, ranks, offsets, scalings, recompute, g, has_bias = ctx.meta
+    lead, ranks, offsets, scalings, keep_s, g, has_bias, merge = ctx.meta
     ops: LoraBackend = ctx.ops
     saved = ctx.saved_tensors
     x2, a_cat = saved[0], saved[1]
-    weights = list(saved[2:2 + g])
+    weights = list(saved[2:2 + g])  # W_g, or W_g + s_g B_g A_g when the forward merged and kept them
     lora_Bs = list(saved[2 + g:2 + 2 * g])
-    s_cat = ops.shrink(x2, a_cat, ranks, scalings) if recompute else saved[2 + 2 * g]
+    if merge is False:  # merged in forward, not kept: merge again
+        weights = TorchLoraBackend.merged_weights(
+            weights, [a_cat[off:off + r] for off, r in zip(offsets, ranks)], lora_Bs, scalings)
+    merged = merge is not None
     dys = []
     for dy, w in zip(dys_in, weights):
         dy = dy.reshape(-1, w.shape[0])
         dys.append(dy if dy.is_contiguous() else dy.contiguous())
-    need_t = needs_x or any(needs_a)
-    t_cat = ops.grad_shrink(dys, lora_Bs, ranks, offsets, scalings) if need_t else None
+    # merged weights carry the LoRA term of dX already; T is then only needed for dA
+    need_t = (needs_x and not merged) or any(needs_a)
+    fused = None
+    if any(needs_a) or any(needs_bb) or (needs_x and not merged):
+        fused = ops.weight_grads(x2, dys, a_cat, lora_Bs, ranks, offsets, scalings,
+                                 want_t=needs_x and not merged)
+    if fused is not None:
+        t_cat, d_as, d_bs = fused
+        d_as = [d if need else None for d, need in zip(d_as, needs_a)]
+        d_bs = [d if need else None for d, need in zip(d_bs, needs_bb)]
+    else:
+        t_cat = ops.grad_shrink(dys, lora_Bs, ranks, offsets, scalings) if need_t else None
+        # dA and dB reduce over tokens: skinny GEMMs left to the vendor BLAS. On the CPU (MKL) the
+        # transposed operand copied to contiguous first is faster (see TorchLoraBackend); cuBLAS takes
+        # transposed operands natively, so on CUDA the plain form saves the copies' launches.
+        cpu = x2.device.type == "cpu"
+        d_as = [None] * g
+        if any(needs_a):  # dA_g = T_g^T x = s_g (dY_g B_g)^T x, all g in one GEMM
+            da_cat = torch.mm(t_cat.t().contiguous() if cpu else t_cat.t(), x2)
+            d_as = [da_cat[off:off + r] if need else None for off, r, need in zip(offsets, ranks, needs_a)]
+        d_bs = [None] * g
+        if any(needs_bb):
+            s_cat = saved[2 + 2 * g] if keep_s else ops.shrink(x2, a_cat, ranks, scalings)
+            for i in range(g):  # dB_g = dY_g^T S_g (S_g already carries s_g)
+                if needs_bb[i]:
+                    s_g = s_cat[:, offsets[i]:offsets[i] + ranks[i]]
+                    if cpu:
+                        d_bs[i] = torch.mm(s_g.t().contiguous(), dys[i]).t().contiguous()
+                    else:
+                        d_bs[i] = torch.mm(dys[i].t(), s_g)
     dx = None
     if needs_x:
-        dx = ops.dx(dys, weights, t_cat, a_cat).view(*lead, x2.shape[1])
-    # dA and dB reduce over tokens: skinny GEMMs left to the vendor BLAS. On the CPU (MKL) the
-    # transposed operand copied to contiguous first is faster (see TorchLoraBackend); cuBLAS takes
-    # transposed operands natively, so on CUDA the plain form saves the copies' launches.
-    cpu = x2.device.type == "cpu"
-    d_as = [None] * g
-    if any(needs_a):  # dA_g = T_g^T x = s_g (dY_g B_g)^T x, all g in one GEMM
-        da_cat = torch.mm(t_cat.t().contiguous() if cpu else t_cat.t(), x2)
-        d_as = [da_cat[off:off + r] if need else None for off, r, need in zip(offsets, ranks, needs_a)]
-    d_bs = [None] * g
-    for i in range(g):  # dB_g = dY_g^T S_g (S_g already carries s_g)
-        if needs_bb[i]:
-            s_g = s_cat[:, offsets[i]:offsets[i] + ranks[i]]
-            if cpu:
-                d_bs[i] = torch.mm(s_g.t().contiguous(), dys[i]).t().contiguous()
-            else:
-                d_bs[i] = torch.mm(dys[i].t(), s_g)
+        if merged:  # dX = sum_g dY_g (W_g + s_g B_g A_g)
+            dx = torch.mm(dys[0], weights[0])
+            for dy, w in zip(dys[1:], weights[1:]):
+                dx.addmm_(dy, w)
+        else:
+            dx = ops.dx(dys, weights, t_cat, a_cat)
+        dx = dx.view(*lead, x2.shape[1])
     d_ws = [torch.mm(dys[i].t(), x2) if needs_w[i] else None for i in range(g)]
     d_bias = [dys[i].sum(0) if (needs_b[i] and has_bias[i]) else None for i in range(g)]
     return dx, d_ws, d_bias, d_as, d_bs

@@ -255,6 +255,128 @@ def test_gradcheck_grouped_float64():
     assert torch.autograd.gradcheck(fn, (x, *ws, bs[0], bs[2], *a_s, *b_s))
 
 
+# ---------------------------------------------------------------------------------------------------
+# CPU paths of the torch backend: merged weights (auto/never/always) x one-pass C++ weight gradients
+# ---------------------------------------------------------------------------------------------------
+def _count_paths(monkeypatch):
+    """Counts merges and calls of the C++ weight-gradient kernel."""
+    calls = {"merge": 0, "kernel": 0}
+    orig_merge, orig_kernel = L.TorchLoraBackend.merged_weights, L._cpu_lora_grad
+
+    def merge(*a):
+        calls["merge"] += 1
+        return orig_merge(*a)
+
+    def kernel(x):
+        k = orig_kernel(x)
+        if k is None:
+            return None
+
+        def counted(*a, **kw):
+            calls["kernel"] += 1
+            return k(*a, **kw)
+        return counted
+
+    monkeypatch.setattr(L.TorchLoraBackend, "merged_weights", staticmethod(merge))
+    monkeypatch.setattr(L, "_cpu_lora_grad", kernel)
+    return calls
+
+
+def _has_kernel() -> bool:
+    try:
+        from gelora import _C
+    except ImportError:
+        return False
+    return hasattr(_C, "lora_grad")
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("kernel", ["0", "1"])
+@pytest.mark.parametrize("merge", ["never", "always"])
+def test_cpu_paths_against_reference(merge, kernel, recompute, monkeypatch):
+    monkeypatch.setenv("GELORA_LORA_MERGE", merge)
+    monkeypatch.setenv("GELORA_LORA_CPU_KERNEL", kernel)
+    calls = _count_paths(monkeypatch)
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(3, 70, 59, generator=g).transpose(0, 1)  # 210 tokens, non-contiguous
+    w, b = torch.randn(97, 59, generator=g) / 8, torch.randn(97, generator=g)
+    a, bb = torch.randn(17, 59, generator=g) / 8, torch.randn(97, 17, generator=g)
+    ins = [t.clone().requires_grad_() for t in (x, w, b, a, bb)]
+    ins_e = [t.clone().requires_grad_() for t in (x, w, b, a, bb)]
+    ins_r = [t.double().requires_grad_() for t in (x, w, b, a, bb)]
+    y = L.lora_linear(*ins, 0.375, backend="torch", recompute_shrink=recompute)
+    y_e = L.lora_linear_reference(*ins_e, 0.375)
+    y_r = L.lora_linear_reference(*ins_r, 0.375)
+    gy = torch.randn(y.shape, generator=g)
+    for t in (y, y_e, y_r):
+        t.backward(gy.to(t.dtype))
+    k = 210
+    assert_as_good(y, y_e, y_r, "y", k)
+    for name, p, pe, pr in zip(["x", "W", "b", "A", "B"], ins, ins_e, ins_r):
+        assert_as_good(p.grad, pe.grad, pr.grad, f"d{name}", k)
+    merged = merge == "always"
+    # merged in forward; merged again in backward unless kept (N=97 <= M=210 and not recompute)
+    assert calls["merge"] == (0 if not merged else (2 if recompute else 1)), calls
+    assert calls["kernel"] == (1 if kernel == "1" and _has_kernel() else 0), calls
+
+
+@pytest.mark.parametrize("kernel", ["0", "1"])
+@pytest.mark.parametrize("merge", ["never", "always"])
+def test_cpu_paths_grouped(merge, kernel, monkeypatch):
+    monkeypatch.setenv("GELORA_LORA_MERGE", merge)
+    monkeypatch.setenv("GELORA_LORA_CPU_KERNEL", kernel)
+    g = torch.Generator().manual_seed(11)
+    ranks, widths, ss = (3, 17, 8), (48, 16, 24), (0.5, 2.0, 1.25)
+    x = torch.randn(150, 40, generator=g)
+    ws = [torch.randn(n, 40, generator=g) / 6 for n in widths]
+    bs = [torch.randn(widths[0], generator=g), None, torch.randn(widths[2], generator=g)]
+    a_s = [torch.randn(r, 40, generator=g) / 6 for r in ranks]
+    b_s = [torch.randn(n, r, generator=g) for n, r in zip(widths, ranks)]
+    leaves = lambda dt: [t.to(dt).clone().requires_grad_() for t in (x, *a_s, *b_s)]  # noqa: E731
+    outs = {}
+    for name, dt in (("fused", torch.float32), ("eager", torch.float32), ("ref", torch.float64)):
+        lv = leaves(dt)
+        xx, aa, bb_ = lv[0], lv[1:4], lv[4:7]
+        wd = [w.to(dt) for w in ws]
+        bd = [None if v is None else v.to(dt) for v in bs]
+        if name == "fused":
+            ys = L.lora_grouped_linear(xx, wd, bd, aa, bb_, ss, backend="torch")
+        else:
+            ys = [L.lora_linear_reference(xx, wd[i], bd[i], aa[i], bb_[i], ss[i]) for i in range(3)]
+        sum((y * torch.linspace(-1, 1, y.numel(), dtype=dt).reshape(y.shape)).sum() for y in ys).backward()
+        outs[name] = [*ys, *(t.grad for t in lv)]
+    for i in range(len(outs["ref"])):
+        assert_as_good(outs["fused"][i], outs["eager"][i], outs["ref"][i], f"{merge}/{kernel} item {i}", 150)
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_gradcheck_float64_merged(recompute, monkeypatch):
+    monkeypatch.setenv("GELORA_LORA_MERGE", "always")
+    calls = _count_paths(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    mk = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    x, w, b, a, bb = mk(3, 4, 7), mk(5, 7), mk(5), mk(3, 7), mk(5, 3)
+    fn = lambda x, w, b, a, bb: L.lora_linear(x, w, b, a, bb, 0.7, backend="torch",  # noqa: E731
+                                              recompute_shrink=recompute)
+    assert torch.autograd.gradcheck(fn, (x, w, b, a, bb))
+    assert calls["merge"] > 0
+
+
+def test_merge_rule_picks_by_cost(monkeypatch):
+    """auto: merge when 2 N K r per merge is below the separate term's 2 M r (N + K); keep the merged
+    weight when it is no larger than the input (N <= M)."""
+    monkeypatch.delenv("GELORA_LORA_MERGE", raising=False)
+    ops = L.TorchLoraBackend()
+    w = torch.zeros(64, 64)
+    assert ops.merge_plan(torch.zeros(512, 64), [w], [8], False) is True
+    assert ops.merge_plan(torch.zeros(512, 64), [w], [8], True) is False
+    assert ops.merge_plan(torch.zeros(16, 64), [w], [8], False) is None
+    assert ops.merge_plan(torch.zeros(512, 64, dtype=torch.bfloat16), [w.bfloat16()], [8], False) is None
+    monkeypatch.setenv("GELORA_LORA_MERGE", "sometimes")
+    with pytest.raises(ValueError, match="GELORA_LORA_MERGE"):
+        ops.merge_plan(torch.zeros(512, 64), [w], [8], False)
+
+
 def test_grouped_matches_reference_and_unused_output():
     g = torch.Generator().manual_seed(5)
     ranks, widths = (3, 17, 8), (48, 16, 24)

@@ -1,0 +1,32 @@
+#include "lora_grad.h"
+
+#include <stdexcept>
+
+#include "tile_kernel.h"  // available_isas()
+
+namespace gelora {
+
+LoraGradPlan lora_grad(const LoraGradArgs& args, const std::string& isa) {
+  const std::vector<std::string> have = available_isas();
+  std::string pick;
+  if (isa == "auto") {
+    pick = have.front();
+  } else {
+    for (const auto& h : have)
+      if (h == isa) pick = h;
+    if (pick.empty()) {
+      std::string msg = "isa '" + isa + "' is not available in this build on this CPU; choose one of: auto";
+      for (const auto& h : have) msg += ", " + h;
+      throw std::invalid_argument(msg);
+    }
+  }
+#ifdef GELORA_HAVE_AVX512
+  if (pick == "avx512") return avx512::lora_grad(args);
+#endif
+#ifdef GELORA_HAVE_AVX2
+  if (pick == "avx2") return avx2::lora_grad(args);
+#endif
+  return generic::lora_grad(args);
+}
+
+}  // namespace gelora
