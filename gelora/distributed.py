@@ -35,14 +35,15 @@ import torch.distributed as dist
 
 from ._input import ArrayLike, as_points, to_tensor
 from .backends import select_backend
-from .knn import EXTRA_CANDIDATES
+from .knn import EXTRA_CANDIDATES, direct_sq_dist
 from .twonn import TwoNNResult, _check_estimator, id_from_distances, unique_rows
 
 __all__ = ["knn2_distributed", "twonn_distributed"]
 
 #: Query rows per block of the torch cross search (bounds the (block, shard) distance tile).
 TORCH_QUERY_BLOCK = 2048
-#: Elements of one gathered (rows, kc, D) block of the direct re-rank.
+#: Elements of one gathered (rows, kc, D) block of the direct re-rank, on every device (the default GPU
+#: chunk of :func:`gelora.knn.direct_sq_dist`, 1 << 16 rows, is a multi-GiB temporary for a large shard).
 RERANK_ELEMS = 1 << 22
 
 
@@ -237,17 +238,6 @@ def _merge(best_d, best_i, new_d, new_i, k):
     return torch.gather(d, 1, o), torch.gather(i, 1, o)
 
 
-def _direct(q: torch.Tensor, keys: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """``sum((q[r] - keys[cand[r, j]])^2)`` computed directly, in chunks of rows."""
-    out = torch.empty(cand.shape, dtype=q.dtype, device=q.device)
-    step = max(1, RERANK_ELEMS // max(1, cand.shape[1] * q.shape[1]))
-    for s in range(0, q.shape[0], step):
-        c = cand[s : s + step].clamp_min(0)
-        diff = keys[c] - q[s : s + step].unsqueeze(1)
-        out[s : s + step] = (diff * diff).sum(-1)
-    return out
-
-
 def _knn_sharded(g: _Group, xc: torch.Tensor, sizes: List[int], k: int, engine_name: str,
                  scale_src: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, str]:
     """k nearest neighbours (global indices) of the centred local rows ``xc`` among all ranks' rows.
@@ -291,7 +281,8 @@ def _knn_sharded(g: _Group, xc: torch.Tensor, sizes: List[int], k: int, engine_n
         if kcs <= 0:
             return
         d_apx, i_loc, err = engine.search(keys, kcs, my_off, k_off)
-        exact = _direct(xc, keys, i_loc)
+        # -1 marks a missing candidate: any valid index stands in, the result is masked below
+        exact = direct_sq_dist(xc, None, i_loc.clamp_min(0), keys, chunk_elems=RERANK_ELEMS)
         exact = torch.where(i_loc >= 0, exact, torch.full_like(exact, inf))
         gidx = torch.where(i_loc >= 0, i_loc + k_off, i_loc)
         best_d, best_i = _merge(best_d, best_i, exact.to(best_d.dtype), gidx, k)
@@ -335,7 +326,7 @@ def _float64_rows(g: _Group, xc: torch.Tensor, rows: torch.Tensor, sizes, offset
             d2 = sq[s:e].unsqueeze(1) + sk.unsqueeze(0) - 2.0 * (q[s:e] @ kk.T)
             d2[q_glob[s:e].unsqueeze(1) == kg.unsqueeze(0)] = float("inf")
             ad, cand = torch.topk(d2, c, dim=1, largest=False)
-            exact = _direct(q[s:e], kk, cand)
+            exact = direct_sq_dist(q[s:e], None, cand, kk, chunk_elems=RERANK_ELEMS)
             exact = torch.where(ad == float("inf"), torch.full_like(exact, float("inf")), exact)
             nd, ni = _merge(best_d[s:e], best_i[s:e], exact, cand + offsets[owner], k)
             best_d[s:e] = nd

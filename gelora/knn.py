@@ -20,48 +20,84 @@ import torch
 
 from ._input import ArrayLike, as_points, cpu_core
 from .backends import KnnBackend, select_backend
+from .backends.torch_backend import gemm_error_bound
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
 EXTRA_CANDIDATES = 2
 #: Elements of one gathered (rows, kc, D) block in the direct re-rank on the CPU (~4 MiB of float32;
 #: 256 rows x 4 x 768 measured fastest on a 2-core AVX2 box: 3 ms for 4096 x 4 x 768).
 RERANK_CHUNK_ELEMS = 1 << 20
+#: At most this many failing rows are recomputed against float64 chunks of the points instead of one
+#: float64 copy of all of them (see :func:`_reference_rows`); more rows amortise the copy.
+STREAM_MAX_ROWS = 64
+#: Elements of one float64 chunk of the points in that streamed recomputation (4 MiB: cache-sized, and
+#: few enough chunks that the per-op cost of a shared machine stays small).
+STREAM_CHUNK_ELEMS = 1 << 19
 
 
-def centre(x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+def centre(
+    x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None, *, mean: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     """``x - mean(x)`` with the mean taken in float64, returned in ``compute_dtype`` (default: float32,
-    float64 for float64 input), contiguous, on the device of ``x``."""
+    float64 for float64 input), contiguous, on the device of ``x``.
+
+    ``mean``: the (D,) float64 column mean of ``x`` when the caller already has it (the C++ core's
+    ``prepare_points`` returns it with the finiteness count and the row hashes), so the points are not
+    read once more just for it; it must be the mean of exactly these rows."""
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     core = cpu_core(x) if x.dtype == compute_dtype else None
     if core is not None:
         arr = x.detach().contiguous().numpy()
         nt = torch.get_num_threads()
-        _, mean, _ = core.prepare_points(arr, n_threads=nt)
-        return torch.from_numpy(core.centre(arr, mean, n_threads=nt))
-    mean = x.mean(dim=0, dtype=torch.float64)
-    return (x.to(compute_dtype) - mean.to(compute_dtype)).contiguous()
+        if mean is None:
+            _, m, _ = core.prepare_points(arr, n_threads=nt)
+        else:
+            m = mean.detach().to("cpu", torch.float64).contiguous().numpy()
+        return torch.from_numpy(core.centre(arr, m, n_threads=nt))
+    if mean is None:
+        mean = x.mean(dim=0, dtype=torch.float64)
+    mean = mean.to(device=x.device, dtype=compute_dtype)
+    return (x.to(compute_dtype) - mean).contiguous()
 
 
-def direct_sq_dist(x: torch.Tensor, rows: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-    """Squared distances ``sum((x[rows[i]] - x[cand[i, j]])^2)`` computed directly (no norm shortcut).
+def direct_sq_dist(
+    x: torch.Tensor,
+    rows: Optional[torch.Tensor],
+    cand: torch.Tensor,
+    keys: Optional[torch.Tensor] = None,
+    *,
+    chunk_elems: Optional[int] = None,
+) -> torch.Tensor:
+    """Squared distances ``sum((x[rows[i]] - keys[cand[i, j]])^2)`` computed directly (no norm shortcut).
 
     Args:
-        x: (N, D) float32/float64.
-        rows: (M,) int64 row indices.
-        cand: (M, C) int64 candidate indices.
+        x: (N, D) float32/float64 query points.
+        rows: (M,) int64 indices of the query rows in ``x``; None: every row of ``x`` in order (M = N).
+        cand: (M, C) int64 indices into ``keys``.
+        keys: (K, D) points of the dtype of ``x`` that ``cand`` indexes; default ``x`` itself (the
+            distributed search passes the shard in hand, the float64 fallback its float64 candidates).
+        chunk_elems: elements of one gathered (rows, C, D) block; default cache-sized on the CPU and
+            ``1 << 16`` rows on a GPU (the distributed search bounds it on every device).
 
     Returns:
         (M, C) tensor of the dtype of ``x``.
     """
+    if keys is None:
+        keys = x
+    m = cand.shape[0]
     out = torch.empty(cand.shape, dtype=x.dtype, device=x.device)
     kc, d = cand.shape[1], x.shape[1]
-    # small chunks keep the gathered (rows, C, D) block in cache: ~15x faster than one big gather
-    step = max(1, RERANK_CHUNK_ELEMS // max(1, kc * d)) if x.device.type == "cpu" else 1 << 16
-    for s in range(0, rows.shape[0], step):
+    if chunk_elems is None:
+        # small chunks keep the gathered (rows, C, D) block in cache: ~15x faster than one big gather
+        step = max(1, RERANK_CHUNK_ELEMS // max(1, kc * d)) if x.device.type == "cpu" else 1 << 16
+    else:
+        step = max(1, chunk_elems // max(1, kc * d))
+    for s in range(0, m, step):
         c = cand[s : s + step]
-        g = torch.index_select(x, 0, c.reshape(-1)).view(c.shape[0], kc, d)
-        g.sub_(torch.index_select(x, 0, rows[s : s + step]).unsqueeze(1))
+        g = torch.index_select(keys, 0, c.reshape(-1)).view(c.shape[0], kc, d)
+        q = x[s : s + step] if rows is None else torch.index_select(x, 0, rows[s : s + step])
+        g.sub_(q.unsqueeze(1))
         out[s : s + step] = g.pow_(2).sum(dim=-1)
     return out
 
@@ -84,11 +120,22 @@ def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]
 
 
 def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact float64 k-NN for the query rows ``rows`` of ``xc`` (self excluded by index)."""
+    """Exact float64 k-NN for the query rows ``rows`` of ``xc`` (self excluded by index).
+
+    A few failing rows of float32 points on the CPU are first tried against float64 chunks of the
+    points (:func:`_reference_rows_streamed`): a float64 copy of all the points costs more than the
+    arithmetic of a handful of rows (a 25 MB copy and its squared norms at 4096 x 768). Every other
+    case, and any row that try cannot certify, takes the float64 copy."""
+    n = xc.shape[0]
+    # query rows per block: the (block, N) float64 distance block stays within 64 MiB
+    block = max(1, min(1024, (64 << 20) // max(1, 8 * n)))
+    few = 0 < rows.shape[0] <= min(STREAM_MAX_ROWS, block)
+    if few and xc.device.type == "cpu" and xc.dtype != torch.float64:
+        found = _reference_rows_streamed(xc, rows, k)
+        if found is not None:
+            return found
     x64 = xc.to(torch.float64)
     sq = (x64 * x64).sum(1)
-    n = x64.shape[0]
-    block = max(1, min(1024, (64 << 20) // max(1, 8 * n)))
     out_d = torch.empty(rows.shape[0], k, dtype=torch.float64, device=xc.device)
     out_i = torch.empty(rows.shape[0], k, dtype=torch.int64, device=xc.device)
     for s in range(0, rows.shape[0], block):
@@ -102,6 +149,57 @@ def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch
         out_d[s : s + block] = exact[:, :k].clamp_min(0).sqrt()
         out_i[s : s + block] = torch.gather(cand, 1, order)[:, :k]
     return out_d, out_i
+
+
+def _reference_rows_streamed(
+    xc: torch.Tensor, rows: torch.Tensor, k: int
+) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """:func:`_reference_rows` for a few rows (one query block) without a float64 copy of all of ``xc``,
+    or None.
+
+    The float64 shortcut distances of the rows are computed against float64 chunks of the points, so
+    only one chunk and the rows' candidates are ever float64. The answer must be the one of the full
+    copy bit for bit, and the shortcut itself is not: the GEMM's rounding depends on its shape (the
+    float64 products of a column chunk differ from those of all columns in the last bits). So the
+    answer is returned only where it cannot depend on that rounding: every row's k-th direct distance
+    lies more than three shortcut error bounds below its kc-th shortcut distance (then both shortcuts
+    put the same k exact nearest neighbours among their candidates), and the first k + 1 direct
+    distances are distinct (then the stable sort orders them the same way). The direct distances are
+    the same computation on the same float64 values in both paths. Otherwise None: the caller takes
+    the full copy (exact ties, e.g. duplicate rows, or points too far from the mean for float64 to
+    separate their neighbours: rare among a handful of failing rows).
+    """
+    n, d = xc.shape
+    m = rows.shape[0]
+    kc = min(n - 1, k + EXTRA_CANDIDATES)
+    q = xc[rows].to(torch.float64)
+    sq_q = (q * q).sum(1)
+    d2 = torch.empty(m, n, dtype=torch.float64)
+    sq = torch.empty(n, dtype=torch.float64)
+    step = max(1, min(n, STREAM_CHUNK_ELEMS // max(1, d)))
+    buf = torch.empty(step, d, dtype=torch.float64)
+    tmp = torch.empty(step, d, dtype=torch.float64)
+    for s in range(0, n, step):
+        e = min(n, s + step)
+        kb, t = buf[: e - s], tmp[: e - s]
+        kb.copy_(xc[s:e])
+        torch.sum(torch.mul(kb, kb, out=t), 1, out=sq[s:e])
+        torch.addmm(sq[s:e].unsqueeze(0), q, kb.T, beta=1.0, alpha=-2.0, out=d2[:, s:e])
+    d2.add_(sq_q.unsqueeze(1))
+    d2[torch.arange(m), rows] = float("inf")
+    sc, cand = torch.topk(d2, kc, dim=1, largest=False)
+    keys = xc[cand.reshape(-1)].to(torch.float64)
+    exact = direct_sq_dist(q, None, torch.arange(m * kc).view(m, kc), keys)
+    exact, order = torch.sort(exact, dim=1, stable=True)
+    ok = torch.ones(m, dtype=torch.bool)
+    if kc > 1:
+        ok &= (exact[:, 1 : min(kc, k + 1)] > exact[:, : min(kc, k + 1) - 1]).all(dim=1)
+    if kc < n - 1:
+        err = gemm_error_bound(sq, d, torch.float64).to(torch.float64)[rows]
+        ok &= exact[:, k - 1] + 3.0 * err < sc[:, -1]
+    if not bool(ok.all()):
+        return None
+    return exact[:, :k].clamp_min(0).sqrt(), torch.gather(cand, 1, order)[:, :k]
 
 
 def knn_exact(

@@ -72,6 +72,70 @@ def test_low_precision_inputs(dtype):
     assert_knn_match(x.double(), dist, idx)
 
 
+def test_float64_fallback_of_a_few_rows_is_the_full_copy_bit_for_bit(monkeypatch):
+    """A few failing rows are recomputed against float64 chunks of the points, not a float64 copy of
+    all of them, and give the full copy's answer bit for bit; on an exact tie (a row present three
+    times) the streamed try cannot certify the order and hands back to the full copy."""
+    from gelora import knn
+
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1500, 97, generator=g) * 3 + 40
+    xc = knn.centre(x)
+    rows = torch.randperm(1500, generator=g)[:9]
+    monkeypatch.setattr(knn, "STREAM_CHUNK_ELEMS", 97 * 113)  # 14 chunks, the last one short
+    for k in (1, 2, 5):
+        assert knn._reference_rows_streamed(xc, rows, k) is not None
+        got = knn._reference_rows(xc, rows, k)
+        with monkeypatch.context() as m:
+            m.setattr(knn, "STREAM_MAX_ROWS", 0)
+            want = knn._reference_rows(xc, rows, k)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    # rows[:3] appear three times (two neighbours at exactly 0: a tie), rows[3:] twice (no tie)
+    xd = knn.centre(torch.cat([x, x[rows], x[rows[:3]]]))
+    assert knn._reference_rows_streamed(xd, rows[:3], 2) is None
+    assert knn._reference_rows_streamed(xd, rows[3:], 2) is not None
+    d, i = knn._reference_rows(xd, rows, 2)
+    assert bool((d[:3] == 0).all()) and bool((d[3:, 0] == 0).all())
+    assert torch.equal(i[3:, 0], torch.arange(1503, 1509))
+    with monkeypatch.context() as m:
+        m.setattr(knn, "STREAM_MAX_ROWS", 0)
+        want = knn._reference_rows(xd, rows, 2)
+    assert torch.equal(d, want[0]) and torch.equal(i, want[1])
+
+
+def test_direct_sq_dist_against_separate_keys():
+    """Queries against a separate key set (the distributed shards), any chunking: the same values."""
+    from gelora.knn import direct_sq_dist
+
+    g = torch.Generator().manual_seed(12)
+    q = torch.randn(70, 33, generator=g, dtype=torch.float64)
+    keys = torch.randn(50, 33, generator=g, dtype=torch.float64)
+    cand = torch.randint(0, 50, (70, 4), generator=g)
+    want = ((keys[cand] - q.unsqueeze(1)) ** 2).sum(-1)
+    torch.testing.assert_close(direct_sq_dist(q, None, cand, keys), want, rtol=1e-14, atol=0.0)
+    assert torch.equal(direct_sq_dist(q, None, cand, keys, chunk_elems=33 * 4 * 3),
+                       direct_sq_dist(q, None, cand, keys))
+    both = torch.cat([q, keys])
+    assert torch.equal(direct_sq_dist(both, torch.arange(70), cand + 70), direct_sq_dist(q, None, cand, keys))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_centre_with_a_given_mean_is_centre(dtype):
+    """``centre(x, mean=...)`` with the float64 column mean (what the C++ core's one pass over the
+    points returns) is bitwise ``centre(x)``, so a caller that has the mean need not read x again."""
+    from gelora._input import cpu_core
+    from gelora.knn import centre
+
+    x = (torch.randn(257, 45, generator=torch.Generator().manual_seed(13)) * 2 + 7).to(dtype)
+    for cdt in (torch.float32, torch.float64):
+        core = cpu_core(x) if x.dtype == cdt else None
+        if core is not None:
+            mean = torch.from_numpy(core.prepare_points(x.numpy(), n_threads=torch.get_num_threads())[1])
+        else:
+            mean = x.mean(dim=0, dtype=torch.float64)
+        assert torch.equal(centre(x, cdt, mean=mean), centre(x, cdt))
+
+
 def test_3d_input_flattens_tokens():
     x = subspace_points(600, d=5, D=24)
     r3 = gelora.twonn(x.reshape(6, 100, 24))
