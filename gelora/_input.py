@@ -6,7 +6,7 @@ problem, never later as a crash or a silent NaN.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -118,11 +118,26 @@ def as_points(
             f"{name}: {n} usable point(s); TwoNN needs at least {min_points} (two neighbours per point)"
         )
     if check_finite:
-        core = cpu_core(t)
-        if core is not None:
-            bad = core.prepare_points(t.detach().contiguous().numpy(), n_threads=torch.get_num_threads())[2]
-        else:
-            bad = 0 if bool(torch.isfinite(t).all()) else int((~torch.isfinite(t)).any(dim=1).sum())
-        if bad:
-            raise ValueError(f"{name}: {bad} row(s) contain NaN or Inf; clean or mask them before estimating")
+        check_points(t, name)
     return t
+
+
+def check_points(
+    t: torch.Tensor, name: str = "x", coef: Optional[torch.Tensor] = None
+) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Raise on rows of ``t`` holding NaN/Inf, and return what the C++ core's pass over the points
+    (``prepare_points``) gives besides: the (N,) int64 row hashes with the (D,) int64 CPU ``coef``
+    (None without ``coef``) and the (D,) float64 column mean, so that a caller which needs them reads
+    the points once (:func:`gelora.twonn`). Both None without the core (GPU, half precision, not built).
+    """
+    core = cpu_core(t)
+    h = mean = None
+    if core is not None:
+        h, mean, bad = core.prepare_points(t.detach().contiguous().numpy(),
+                                           None if coef is None else coef.numpy(),
+                                           n_threads=torch.get_num_threads())
+    else:
+        bad = 0 if bool(torch.isfinite(t).all()) else int((~torch.isfinite(t)).any(dim=1).sum())
+    if bad:
+        raise ValueError(f"{name}: {bad} row(s) contain NaN or Inf; clean or mask them before estimating")
+    return (None if h is None else torch.from_numpy(h)), (None if mean is None else torch.from_numpy(mean))

@@ -10,7 +10,11 @@
    non-candidate can have (the backend's kc-th approximate distance minus its error bound). Rows that
    fail are recomputed by the float64 reference, so the answer never depends on the engine's rounding.
 
-:func:`knn_reference` is the plain float64 reference that tests and benchmarks compare against.
+:func:`knn_reference` is the float64 reference that tests and benchmarks compare against. It runs the
+same pipeline in float64 with a worst-case (not probabilistic) bound on the shortcut's rounding
+(:func:`float64_shortcut_error`), and a row it cannot certify gets a brute-force direct-difference
+search over all points, so it is exact even where float64 cannot separate the neighbours through the
+shortcut (points far from the mean relative to their neighbour distances).
 """
 from __future__ import annotations
 
@@ -20,7 +24,6 @@ import torch
 
 from ._input import ArrayLike, as_points, cpu_core
 from .backends import KnnBackend, select_backend
-from .backends.torch_backend import gemm_error_bound
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
 EXTRA_CANDIDATES = 2
@@ -33,6 +36,9 @@ STREAM_MAX_ROWS = 64
 #: Elements of one float64 chunk of the points in that streamed recomputation (4 MiB: cache-sized, and
 #: few enough chunks that the per-op cost of a shared machine stays small).
 STREAM_CHUNK_ELEMS = 1 << 19
+#: Elements of one (rows, points, D) float64 difference block of the brute-force search that the float64
+#: reference runs for rows it cannot certify (32 MiB).
+BRUTE_CHUNK_ELEMS = 1 << 22
 
 
 def centre(
@@ -119,14 +125,46 @@ def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]
     return _reference_rows(xc, torch.arange(xc.shape[0], device=xc.device), k)
 
 
+def float64_shortcut_error(sq_norms: torch.Tensor, dim: int) -> Tuple[torch.Tensor, float]:
+    """Worst-case rounding bounds of the float64 search of :func:`_reference_rows`.
+
+    For rows ``x``, ``y`` with squared norms ``a``, ``b`` (computed as ``sum(x * x)``), the float64
+    shortcut ``(a + b) - 2 <x, y>`` errs by at most ``2 gamma_{D+2} (|x|^2 + |y|^2)``: each norm by
+    ``gamma_D |x|^2`` and the dot product (any summation order, blocked or FMA) by
+    ``gamma_D sum|x_i y_i| <= gamma_D (|x|^2 + |y|^2) / 2``, doubled, plus two roundings of the
+    additions on at most ``2 (|x|^2 + |y|^2)``; ``gamma_n = n u / (1 - n u)``. The bound returned takes
+    twice that (covering the norms being the computed ones) with the largest norm for ``y``, so it holds
+    for every other row. The direct distance ``sum((x - y)^2)`` has relative error at most
+    ``gamma_{D+2}`` (a rounded difference, its square, a sum of D non-negative terms).
+
+    Args:
+        sq_norms: (N,) float64 squared norms of the rows.
+        dim: D.
+
+    Returns:
+        err: (N,) float64, ``|shortcut(x_r, y) - |x_r - y|^2| <= err[r]`` for every row ``y``;
+        rel: the relative error bound of a direct distance.
+    """
+    u = torch.finfo(torch.float64).eps / 2
+    nu = (dim + 2) * u
+    rel = nu / (1.0 - nu)
+    return 4.0 * rel * (sq_norms + sq_norms.max()), rel
+
+
 def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Exact float64 k-NN for the query rows ``rows`` of ``xc`` (self excluded by index).
+
+    Candidates from the float64 shortcut, re-ranked by direct distances and certified like the engines'
+    (:func:`float64_shortcut_error`: the row's k-th direct distance lies below the smallest direct
+    distance any non-candidate can have); a row that fails gets :func:`_brute_rows`, whose answer
+    replaces the candidates' only where their distances differ. Ties keep the order of the stable sort
+    of the candidates (by index in a replaced row).
 
     A few failing rows of float32 points on the CPU are first tried against float64 chunks of the
     points (:func:`_reference_rows_streamed`): a float64 copy of all the points costs more than the
     arithmetic of a handful of rows (a 25 MB copy and its squared norms at 4096 x 768). Every other
     case, and any row that try cannot certify, takes the float64 copy."""
-    n = xc.shape[0]
+    n, d = xc.shape
     # query rows per block: the (block, N) float64 distance block stays within 64 MiB
     block = max(1, min(1024, (64 << 20) // max(1, 8 * n)))
     few = 0 < rows.shape[0] <= min(STREAM_MAX_ROWS, block)
@@ -136,19 +174,82 @@ def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch
             return found
     x64 = xc.to(torch.float64)
     sq = (x64 * x64).sum(1)
+    kc = min(n - 1, k + EXTRA_CANDIDATES)
+    err, rel = float64_shortcut_error(sq, d)
     out_d = torch.empty(rows.shape[0], k, dtype=torch.float64, device=xc.device)
     out_i = torch.empty(rows.shape[0], k, dtype=torch.int64, device=xc.device)
     for s in range(0, rows.shape[0], block):
         r = rows[s : s + block]
         d2 = sq[r].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x64[r] @ x64.T)
         d2[torch.arange(r.shape[0], device=xc.device), r] = float("inf")
-        _, cand = torch.topk(d2, min(n - 1, k + EXTRA_CANDIDATES), dim=1, largest=False)
+        sc, cand = torch.topk(d2, kc, dim=1, largest=False)
+        del d2
         # re-rank the float64 candidates directly as well, so the reference is exact for duplicates
         exact = direct_sq_dist(x64, r, cand)
         exact, order = torch.sort(exact, dim=1, stable=True)
-        out_d[s : s + block] = exact[:, :k].clamp_min(0).sqrt()
-        out_i[s : s + block] = torch.gather(cand, 1, order)[:, :k]
+        best_d = exact[:, :k].clone()
+        best_i = torch.gather(cand, 1, order)[:, :k]
+        if kc < n - 1:
+            # every non-candidate j has shortcut >= sc[:, -1], so true d2 >= sc[:, -1] - err and
+            # direct d2 >= (sc[:, -1] - err) * (1 - rel); "not <" also catches NaN
+            unsure = torch.nonzero(~(best_d[:, -1] < (sc[:, -1] - err[r]) * (1.0 - rel))).flatten()
+            if unsure.numel():
+                bd, bi = _brute_rows(x64, r[unsure], k)
+                # where the candidates already had the k smallest distances (a tie with a
+                # non-candidate, e.g. on a lattice), their indices are as good: keep them
+                wrong = (bd != best_d[unsure]).any(dim=1)
+                best_d[unsure[wrong]] = bd[wrong]
+                best_i[unsure[wrong]] = bi[wrong]
+        out_d[s : s + block] = best_d.clamp_min(0).sqrt()
+        out_i[s : s + block] = best_i
     return out_d, out_i
+
+
+def _brute_rows(x64: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Squared direct distances ``sum((x - y)^2)`` of the rows ``rows`` of the float64 points ``x64`` to
+    every other point and their k smallest (ties by index): exact, O(N D) per row, for the rows the
+    shortcut cannot certify. The differences are formed in (rows, points, D) blocks of at most
+    :data:`BRUTE_CHUNK_ELEMS` elements (one row against one point when D alone is larger); the (rows, N)
+    distances stay within the caller's block. The same float64 operations as :func:`direct_sq_dist`,
+    so a pair gets the same value in both."""
+    n, d = x64.shape
+    m = rows.shape[0]
+    out_d = torch.empty(m, k, dtype=torch.float64, device=x64.device)
+    out_i = torch.empty(m, k, dtype=torch.int64, device=x64.device)
+    # rows per pass: at least 256 points (or all) per difference block, few passes over the points
+    rb = max(1, min(m, BRUTE_CHUNK_ELEMS // max(1, d * min(n, 256))))
+    for a in range(0, m, rb):
+        r = rows[a : a + rb]
+        q = x64[r].unsqueeze(1)
+        d2 = torch.empty(r.shape[0], n, dtype=torch.float64, device=x64.device)
+        step = max(1, BRUTE_CHUNK_ELEMS // max(1, r.shape[0] * d))
+        for s in range(0, n, step):
+            diff = x64[s : s + step].unsqueeze(0) - q
+            d2[:, s : s + step] = diff.pow_(2).sum(dim=-1)
+        d2[torch.arange(r.shape[0], device=x64.device), r] = float("inf")
+        out_d[a : a + rb], out_i[a : a + rb] = _smallest_by_index(d2, k)
+    return out_d, out_i
+
+
+def _smallest_by_index(d2: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest values of every row of ``d2`` and their columns, ties by column: what a stable
+    sort of the whole row gives, from a topk and a stable sort of the entries up to the k-th value."""
+    m, n = d2.shape
+    kth = torch.topk(d2, k, dim=1, largest=False).values[:, -1:]
+    keep = d2 <= kth
+    cnt = keep.sum(dim=1)
+    width = int(cnt.max())
+    if width * 8 > n:  # ties with a good share of the row: the full sort is as cheap
+        val, idx = torch.sort(d2, dim=1, stable=True)
+        return val[:, :k], idx[:, :k]
+    rr, cc = torch.nonzero(keep, as_tuple=True)  # row-major: ascending columns within a row
+    pos = torch.arange(rr.numel(), device=d2.device) - (torch.cumsum(cnt, 0) - cnt)[rr]
+    pd = torch.full((m, width), float("inf"), dtype=d2.dtype, device=d2.device)
+    pi = torch.zeros((m, width), dtype=torch.int64, device=d2.device)
+    pd[rr, pos] = d2[rr, cc]
+    pi[rr, pos] = cc
+    val, order = torch.sort(pd, dim=1, stable=True)
+    return val[:, :k], torch.gather(pi, 1, order[:, :k])
 
 
 def _reference_rows_streamed(
@@ -161,13 +262,13 @@ def _reference_rows_streamed(
     only one chunk and the rows' candidates are ever float64. The answer must be the one of the full
     copy bit for bit, and the shortcut itself is not: the GEMM's rounding depends on its shape (the
     float64 products of a column chunk differ from those of all columns in the last bits). So the
-    answer is returned only where it cannot depend on that rounding: every row's k-th direct distance
-    lies more than three shortcut error bounds below its kc-th shortcut distance (then both shortcuts
-    put the same k exact nearest neighbours among their candidates), and the first k + 1 direct
-    distances are distinct (then the stable sort orders them the same way). The direct distances are
-    the same computation on the same float64 values in both paths. Otherwise None: the caller takes
-    the full copy (exact ties, e.g. duplicate rows, or points too far from the mean for float64 to
-    separate their neighbours: rare among a handful of failing rows).
+    answer is returned only where it is the unique exact one: every row passes the full copy's
+    certification (:func:`float64_shortcut_error`) against its own shortcut, and its first k + 1 direct
+    distances are distinct. The full copy's answer is exact as well (certified, or brute force), and
+    the direct distances are the same computation on the same float64 values in both paths, so both
+    are that one answer. Otherwise None: the caller takes the full copy (exact ties, e.g. duplicate
+    rows, or points too far from the mean for the shortcut to separate their neighbours: rare among a
+    handful of failing rows).
     """
     n, d = xc.shape
     m = rows.shape[0]
@@ -195,8 +296,8 @@ def _reference_rows_streamed(
     if kc > 1:
         ok &= (exact[:, 1 : min(kc, k + 1)] > exact[:, : min(kc, k + 1) - 1]).all(dim=1)
     if kc < n - 1:
-        err = gemm_error_bound(sq, d, torch.float64).to(torch.float64)[rows]
-        ok &= exact[:, k - 1] + 3.0 * err < sc[:, -1]
+        err, rel = float64_shortcut_error(sq, d)
+        ok &= exact[:, k - 1] < (sc[:, -1] - err[rows]) * (1.0 - rel)
     if not bool(ok.all()):
         return None
     return exact[:, :k].clamp_min(0).sqrt(), torch.gather(cand, 1, order)[:, :k]

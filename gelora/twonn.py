@@ -33,7 +33,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._input import ArrayLike, as_points, cpu_core
+from ._input import ArrayLike, as_points, check_points, cpu_core
 from .backends import select_backend
 from .knn import _compute_dtype, centre, knn_exact
 
@@ -97,7 +97,13 @@ _INT_VIEW = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.floa
              torch.float64: torch.int64}
 
 
-def unique_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
+def hash_coef(d: int) -> torch.Tensor:
+    """The (d,) int64 CPU coefficients (odd, fixed seed) of the row hash of :func:`unique_rows`."""
+    gen = torch.Generator(device="cpu").manual_seed(0x6E10)
+    return torch.randint(1, 2**62, (d,), generator=gen, dtype=torch.int64) | 1
+
+
+def unique_rows(x: torch.Tensor, hashes: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, int]:
     """Indices of the first occurrence of every distinct row of ``x`` (bit-exact, ``-0.0 == 0.0``).
 
     Rows are hashed with a random 64-bit linear hash of their bit patterns (one pass, O(N D)), equal
@@ -105,18 +111,21 @@ def unique_rows(x: torch.Tensor) -> Tuple[torch.Tensor, int]:
 
     Args:
         x: (N, D) float tensor.
+        hashes: (N,) int64 hashes of the rows of ``x`` with :func:`hash_coef` when the caller has them
+            (:func:`gelora._input.check_points` returns them from its pass over the points).
 
     Returns:
         keep: (M,) int64 sorted indices of the rows to keep; n_duplicates = N - M.
     """
     n, d = x.shape
-    gen = torch.Generator(device="cpu").manual_seed(0x6E10)
-    coef = (torch.randint(1, 2**62, (d,), generator=gen, dtype=torch.int64) | 1).to(x.device)
     core = cpu_core(x)
-    if core is not None:
-        h = torch.from_numpy(core.prepare_points(x.detach().contiguous().numpy(), coef.numpy(),
+    if hashes is not None:
+        h = hashes.to(x.device)
+    elif core is not None:
+        h = torch.from_numpy(core.prepare_points(x.detach().contiguous().numpy(), hash_coef(d).numpy(),
                                                  n_threads=torch.get_num_threads())[0])
     else:
+        coef = hash_coef(d).to(x.device)
         h = torch.empty(n, dtype=torch.int64, device=x.device)
         step = max(1, HASH_CHUNK_ELEMS // d)
         for s in range(0, n, step):
@@ -264,17 +273,19 @@ def twonn(
             discard_fraction=discard_fraction, dedup=dedup, backend=backend, mask=mask,
             bootstrap=bootstrap, seed=seed,
         )
-    xt = as_points(x, mask)
+    xt = as_points(x, mask, check_finite=False)
+    # one pass over the points for the NaN check, the row hashes and the mean (with the C++ core)
+    hashes, mean = check_points(xt, coef=hash_coef(xt.shape[1]) if dedup else None)
     n_points = xt.shape[0]
     n_dup = 0
     if dedup:
-        keep, n_dup = unique_rows(xt)
+        keep, n_dup = unique_rows(xt, hashes)
         if n_dup:
             xt = xt[keep]
         if xt.shape[0] < 3:
             raise ValueError(f"only {xt.shape[0]} distinct point(s) among {n_points}; TwoNN needs at least 3")
     engine = select_backend(xt, backend)
-    xc = centre(xt, _compute_dtype(xt, engine))
+    xc = centre(xt, _compute_dtype(xt, engine), mean=None if n_dup else mean)
     dist, _, n_fixed = knn_exact(xc, 2, engine, xt.dtype)
     res = id_from_distances(dist, estimator=estimator, discard_fraction=discard_fraction,
                             bootstrap=bootstrap, seed=seed)

@@ -18,6 +18,33 @@ def test_nan_and_inf_rejected():
         gelora.knn2(x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_check_points_one_pass(dtype):
+    """check_points: the NaN count of as_points, and from the same pass (C++ core) the row hashes and
+    the float64 mean; (None, None) where the core does not apply."""
+    from gelora._input import check_points, cpu_core
+    from gelora.twonn import hash_coef
+
+    x = (subspace_points(300, d=4, D=12) * 3).to(dtype)
+    h, mean = check_points(x, coef=hash_coef(12))
+    if cpu_core(x) is None:
+        assert h is None and mean is None
+    else:
+        assert h.dtype == torch.int64 and h.shape == (300,)
+        torch.testing.assert_close(mean, x.double().mean(0), rtol=1e-12, atol=1e-12)
+        assert check_points(x)[0] is None
+        # the hashes unique_rows would compute, so duplicates are found from them
+        xd = torch.cat([x, x[:5]])
+        hd, _ = check_points(xd, coef=hash_coef(12))
+        assert torch.equal(hd[300:], hd[:5])
+        assert gelora.unique_rows(xd, hd)[1] == 5 and torch.equal(gelora.unique_rows(xd, hd)[0],
+                                                                  gelora.unique_rows(xd)[0])
+    x[4, 2] = float("nan")
+    x[9, 0] = float("-inf")
+    with pytest.raises(ValueError, match="pts: 2 row"):
+        check_points(x, "pts")
+
+
 @pytest.mark.parametrize("shape", [(2, 5), (1, 3), (2, 1, 4)])
 def test_too_few_points(shape):
     with pytest.raises(ValueError, match="at least 3"):

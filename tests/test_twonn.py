@@ -103,6 +103,85 @@ def test_float64_fallback_of_a_few_rows_is_the_full_copy_bit_for_bit(monkeypatch
     assert torch.equal(d, want[0]) and torch.equal(i, want[1])
 
 
+def _far_clusters(n=600, d=64, seed=1):
+    """Two tight clusters (spread 1e-3) 1e4 apart: the float64 shortcut's rounding (~1e-16 * |x|^2 ~
+    1e-7) is not small against the neighbour distances (~1e-4 squared), so it cannot rank them."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g) * 1e-3
+    x[: n // 2] += 1e4
+    return x
+
+
+def _brute_knn(x, k):
+    """k-NN by direct differences over all pairs in float64 (ties by index)."""
+    from gelora.knn import centre
+
+    xc = centre(x, torch.float64)
+    d2 = ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(-1)
+    d2.fill_diagonal_(float("inf"))
+    val, idx = torch.sort(d2, dim=1, stable=True)
+    return val[:, :k].sqrt(), idx[:, :k]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_reference_exact_where_the_float64_shortcut_cannot_rank(dtype, monkeypatch):
+    """Rows whose neighbours the float64 shortcut cannot separate fail the reference's certification
+    and get a brute-force search: the distances are the brute-force ones bit for bit (the old
+    reference got some up to 1% wrong here), the indices are at those distances."""
+    from gelora import knn
+
+    x = _far_clusters().to(dtype)
+    want_d, _ = _brute_knn(x, 2)
+    calls = []
+    brute = knn._brute_rows
+    monkeypatch.setattr(knn, "_brute_rows", lambda *a: calls.append(a[1].numel()) or brute(*a))
+    dist, idx = gelora.knn_reference(x, 2)
+    assert sum(calls) > 0, "the far clusters must fail the float64 certification"
+    assert torch.equal(dist, want_d)
+    xc = knn.centre(x, torch.float64)
+    assert torch.equal(knn.direct_sq_dist(xc, None, idx).sqrt(), want_d)
+    assert not bool((idx == torch.arange(x.shape[0]).unsqueeze(1)).any())
+    assert bool((idx[:, 0] != idx[:, 1]).all())
+    # a few rows of float32 points (the streamed try first), and the brute force in small blocks
+    xc32 = knn.centre(x)
+    want32, _ = _brute_knn(xc32, 2)
+    rows = torch.arange(0, 600, 37)
+    monkeypatch.setattr(knn, "BRUTE_CHUNK_ELEMS", 64 * 37)
+    d, i = knn._reference_rows(xc32, rows, 2)
+    assert torch.equal(d, want32[rows])
+    assert torch.equal(knn.direct_sq_dist(xc32.double(), rows, i).sqrt(), want32[rows])
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_twonn_exact_on_far_clusters(backend):
+    """float64 points end to end: every row the engine cannot certify goes to the exact reference, so
+    the ratios are those of the brute-force distances exactly."""
+    from gelora.twonn import id_from_distances
+
+    x = _far_clusters().double()
+    want = id_from_distances(_brute_knn(x, 2)[0])
+    res = gelora.twonn(x, backend=backend)
+    assert res.n_fixed > 0
+    assert torch.equal(res.mu, want["mu"]) and res.id == want["id"]
+
+
+def test_smallest_by_index_is_the_stable_sort():
+    from gelora.knn import _smallest_by_index
+
+    g = torch.Generator().manual_seed(14)
+    for trial in range(60):
+        m, n = int(torch.randint(1, 20, (1,), generator=g)), int(torch.randint(3, 300, (1,), generator=g))
+        k = int(torch.randint(1, min(n, 6), (1,), generator=g))
+        hi = int(torch.randint(1, 40, (1,), generator=g))
+        d2 = torch.randint(0, hi, (m, n), generator=g).double()  # ties, few or many
+        if trial % 3 == 0:
+            d2 = torch.rand(m, n, generator=g, dtype=torch.float64)
+        d2[:, int(torch.randint(0, n, (1,), generator=g))] = float("inf")
+        val, idx = _smallest_by_index(d2, k)
+        sv, si = torch.sort(d2, dim=1, stable=True)
+        assert torch.equal(val, sv[:, :k]) and torch.equal(idx, si[:, :k]), trial
+
+
 def test_direct_sq_dist_against_separate_keys():
     """Queries against a separate key set (the distributed shards), any chunking: the same values."""
     from gelora.knn import direct_sq_dist
@@ -134,6 +213,44 @@ def test_centre_with_a_given_mean_is_centre(dtype):
         else:
             mean = x.mean(dim=0, dtype=torch.float64)
         assert torch.equal(centre(x, cdt, mean=mean), centre(x, cdt))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dedup,dups", [(True, 0), (True, 40), (False, 0)])
+def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedup, dups, monkeypatch):
+    """With the C++ core, one ``prepare_points`` pass gives twonn the NaN check, the row hashes and the
+    mean (a second one only for the mean of the rows left after removing duplicates), and the result is
+    bit for bit that of the separate passes (as_points, unique_rows, centre)."""
+    from gelora import knn
+    from gelora._input import as_points, cpu_core
+    from gelora.twonn import id_from_distances
+
+    x = subspace_points(700, d=6, D=48, offset=3.0, seed=4, dtype=dtype)
+    if dups:
+        x = torch.cat([x, x[:dups]])
+    core = cpu_core(x)
+    if core is None:
+        pytest.skip("needs the C++ core")
+    # the separate passes, as before
+    xt = as_points(x)
+    if dedup:
+        keep, n_dup = gelora.unique_rows(xt)
+        assert n_dup == dups
+        xt = xt[keep]
+    engine = gelora.backends.select_backend(xt, None)
+    dist, _, _ = knn.knn_exact(knn.centre(xt, knn._compute_dtype(xt, engine)), 2, engine, xt.dtype)
+    want = id_from_distances(dist)
+    calls = []
+    prep = core.prepare_points
+
+    def counted(arr, coef=None, **kw):
+        calls.append(coef is not None)  # with hashes or not
+        return prep(arr, coef, **kw)
+
+    monkeypatch.setattr(core, "prepare_points", counted)
+    res = gelora.twonn(x, dedup=dedup)
+    assert calls == ([dedup] if not dups else [True, False])
+    assert torch.equal(res.mu, want["mu"]) and res.id == want["id"]
 
 
 def test_3d_input_flattens_tokens():
