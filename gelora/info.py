@@ -44,6 +44,13 @@ def report() -> str:
         lines.append(f"  {name:7s} {'usable ' if usable else 'missing'}  {desc}")
         for r in reasons:
             lines.append(f"           - {r}")
+    try:
+        from gelora import _C
+        isa = _C.info()["isas"][0] if hasattr(_C, "lora_grad") else None
+    except ImportError:
+        isa = None
+    lines.append("  CPU float32 weight gradients: " + (f"one-pass C++ kernel ({isa})" if isa else
+                                                      "BLAS calls (gelora._C is not built)"))
     return "\n".join(lines)
 
 

@@ -7,30 +7,37 @@ PEFT runs it eagerly: the base GEMM, then ``lora_B(lora_A(dropout(x))) * s`` and
 
 * forward: ``S = s x A^T`` (the shrink, an (M, r) result), then ``y = x W^T + b + S B^T`` written once:
   on CUDA one Triton GEMM whose tile accumulator also takes ``S B^T`` (:mod:`gelora.kernels.lora`);
-  on the CPU (and as the portable path) both terms accumulate into one output with in-place
-  ``addmm_`` (``S B^T + b`` written first, the base GEMM added into it), the way Unsloth's LoRA
-  layers avoid temporaries;
+  on the CPU both terms accumulate into one output with in-place ``addmm_`` (``S B^T + b`` written
+  first, the base GEMM added into it), the way Unsloth's LoRA layers avoid temporaries;
 * backward: ``T = s dY B``, ``dX = dY W + T A`` (one fused GEMM on CUDA, ``mm`` + ``addmm_`` on the CPU),
   ``dA = T^T x``, ``dB = dY^T S``. No (M, N) or (M, K) temporary besides ``y`` and ``dX`` themselves;
 * projections reading one input with different ranks (q/k/v, gate/up) run as one grouped launch:
   their ``A`` are concatenated so the shrink is one GEMM, and a small table of (rank, offset, width)
   drives one fused-GEMM launch for all outputs (:func:`lora_grouped_linear`).
 
+The CPU (float32/float64) goes further, because there the skinny rank-r products, not memory
+traffic, are what LoRA adds to the bare GEMMs:
+
+* merged weights: when the batch has more tokens than the layer has features, ``y = x (W + s B A)^T``
+  is the cheaper form of the same function (the merge costs ``2 N K r`` flops, the separate LoRA term
+  ``2 M r (N + K)`` per step); the forward is then one GEMM and no ``S``, and ``dX = dY (W + s B A)``
+  needs no ``T A``. The merged weight is kept for backward when it is no larger than the input that
+  backward keeps anyway (``N <= M``), else merged again. Never in bf16/fp16, where ``W + s B A``
+  would round the small update away. ``GELORA_LORA_MERGE=never|always`` overrides the rule;
+* one-pass weight gradients (``gelora._C.lora_grad``, csrc/lora_grad.h): ``S``, ``T``, ``dA`` and
+  ``dB`` per block of tokens while the block sits in L2, AVX-512/AVX2 register tiles, near the FMA
+  peak, where four BLAS calls run at half of it; ``S`` is recomputed there, never kept.
+  ``GELORA_LORA_CPU_KERNEL=0`` switches back to BLAS calls.
+
 Memory/time trade of ``S``: it is (M, r), ``r/K`` of the input ``x`` that backward keeps anyway (1.6 %
 at r=16, K=1024), and PEFT's eager layer keeps the same tensor (the input of ``lora_B``). Saving it
-(the default) costs that; ``recompute_shrink=True`` drops it and re-runs the shrink in backward, one
-extra read of ``x`` and ``2 M K r`` flops (a few per cent of the layer's backward).
+(the default, where it is used) costs that; ``recompute_shrink=True`` drops it and re-runs the shrink
+in backward, one extra read of ``x`` and ``2 M K r`` flops (a few per cent of the layer's backward).
 
-When fusing stops paying off: the saving is memory traffic and launches, a fixed amount per token,
-while the base GEMMs (the floor any LoRA layer pays) grow with ``N K``. The LoRA flops themselves,
-``6 M r (K + N)`` per forward+backward against ``4 M N K`` for the base, are ``3 r / d`` of the floor
-for square layers, so no exact fused layer beats PEFT by more than ``(t_PEFT / t_base) / (1 + 3r/d)``.
-Measured with ``benchmarks/lora_speed.py`` on a shared 2-core Zen 4 (fp32, MKL), d=1024, r=16,
-2048 tokens, forward+backward: on one thread PEFT costs 1.18x the bare GEMMs and the fused layer
-1.10x, a 1.06x speedup (bound 1.13x); on two threads with other jobs competing for memory
-bandwidth PEFT's extra passes hurt more and the speedup was 1.07-1.24x; peak memory is halved
-(16.5 vs 32.1 MiB) either way. Tiny layers (d=128, 40 tokens) run at 0.5-0.7x PEFT's speed: the
-~0.1 ms of Python per call (checks, autograd function) dominates. With
+Measured with ``benchmarks/lora_speed.py`` on a 2-core Zen 4 (fp32, MKL, 2 threads), d=1024,
+r=16, 2048 tokens, forward+backward: see the table in the module docstring of that benchmark and
+docs/lora_speed.md. Tiny layers (d=128, 40 tokens) run at 0.5-0.7x PEFT's speed: the ~0.1 ms of
+Python per call (checks, autograd function) dominates. With
 ``lora_dropout > 0`` a training step falls back to PEFT's eager layer (the dropout mask would have to
 be kept for ``dA``; not implemented), as do DoRA and the other LoRA variants, ``lora_bias``, Conv1D
 (``fan_in_fan_out``) bases and quantized bases: :func:`fuse_lora` leaves those modules alone and says why.
@@ -158,7 +165,8 @@ class TorchLoraBackend(LoraBackend):
     ``addmm`` / in-place ``addmm_`` (no (M, N) temporary, no separate add)."""
 
     name = "torch"
-    description = "torch addmm/addmm_ into one output, no temporaries (CPU, or CUDA without Triton)"
+    description = ("torch addmm/addmm_ into one output, no temporaries (CPU, or CUDA without Triton); "
+                   "on the CPU also merged weights and the one-pass C++ weight gradients")
 
     def input_reasons(self, device, dtype):
         if dtype not in _FLOAT_DTYPES:
