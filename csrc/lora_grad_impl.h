@@ -176,18 +176,27 @@ LoraGradPlan lora_grad(const LoraGradArgs& g) {
   int64_t mb = g.block_rows;
   if (mb <= 0) mb = std::min<int64_t>(256, std::max<int64_t>(16, ((1 << 20) / (4 * (k + n))) / RB * RB));
   const int64_t nblocks = m > 0 ? (m + mb - 1) / mb : 0;
-  int nt = 1;
+  int64_t nt = 1;
 #ifdef _OPENMP
   nt = g.n_threads > 0 ? g.n_threads : omp_get_max_threads();
+  if (g.n_threads <= 0) {
+    // automatic: a thread per ~4 MFLOP at least; below that, waking the team costs more than it saves
+    // (and on a busy machine every parallel region waits for its slowest, possibly descheduled, thread)
+    const double flops = 4.0 * static_cast<double>(m) * static_cast<double>(k + n) * static_cast<double>(jn);
+    nt = std::min<int64_t>(nt, static_cast<int64_t>(flops / 4e6) + 1);
+  }
 #endif
-  nt = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(nt, nblocks)));
+  nt = std::max<int64_t>(1, std::min<int64_t>(nt, nblocks));
 
   // per-thread partial sums: dA rows (jn, k) then dB^T rows (jn, n)
   const int64_t part_len = jn * (k + n);
   std::vector<float> part(static_cast<size_t>(nt * part_len), 0.f);
+  const int nthreads = static_cast<int>(nt);
 
+  // one parallel region: the token blocks, a barrier, then the sum of the partials
+  // (dA = sum of the dA partials; dB = (sum of the dB^T partials)^T)
 #ifdef _OPENMP
-#pragma omp parallel num_threads(nt)
+#pragma omp parallel num_threads(nthreads)
 #endif
   {
     int tid = 0;
@@ -211,34 +220,32 @@ LoraGradPlan lora_grad(const LoraGradArgs& g) {
           std::memcpy(g.t + (i0 + i) * r, tbuf.data() + i * rp, sizeof(float) * r);
       cols(xb, k, cur, k, tbuf.data(), rp, jn, pa, k);  // dA += T^T x
       cols(yb, n, cur, n, sbuf.data(), rp, jn, pb, n);  // dB^T += S^T dY
-    }
-  }
-
-  // dA = sum of the partials; dB = (sum of the dB^T partials)^T
+    }  // implicit barrier: every partial is complete
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
+#pragma omp for schedule(static) nowait
 #endif
-  for (int64_t j = 0; j < r; ++j) {
-    for (int64_t q = 0; q < k; ++q) {
-      float s = 0.f;
-      for (int t = 0; t < nt; ++t) s += part[t * part_len + j * k + q];
-      g.da[j * k + q] = s;
-    }
-  }
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(nt) schedule(static)
-#endif
-  for (int64_t q = 0; q < n; ++q) {
     for (int64_t j = 0; j < r; ++j) {
-      float s = 0.f;
-      for (int t = 0; t < nt; ++t) s += part[t * part_len + jn * k + j * n + q];
-      g.db[q * r + j] = s;
+      for (int64_t q = 0; q < k; ++q) {
+        float s = 0.f;
+        for (int64_t t = 0; t < nt; ++t) s += part[t * part_len + j * k + q];
+        g.da[j * k + q] = s;
+      }
+    }
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t q = 0; q < n; ++q) {
+      for (int64_t j = 0; j < r; ++j) {
+        float s = 0.f;
+        for (int64_t t = 0; t < nt; ++t) s += part[t * part_len + jn * k + j * n + q];
+        g.db[q * r + j] = s;
+      }
     }
   }
 
   LoraGradPlan plan;
   plan.isa = GELORA_STR(GELORA_ISA);
-  plan.threads = nt;
+  plan.threads = nthreads;
   plan.block_rows = mb;
   plan.rank_pad = rp;
   return plan;

@@ -90,13 +90,32 @@ for bad in [lambda: C.knn_candidates(np.zeros((5, 3), np.float32), 5),
             lambda: C.knn_candidates(np.zeros((5, 3), np.int32), 1),
             lambda: C.knn_candidates(np.full((5, 3), np.nan, np.float32), 1),
             lambda: C.knn_candidates(np.zeros((5, 3), np.float32), 1, out_d2=np.zeros((4, 1), np.float32)),
-            lambda: C.direct_sq_dist(np.zeros((5, 3), np.float32), np.full((5, 2), 7, np.int64))]:
+            lambda: C.direct_sq_dist(np.zeros((5, 3), np.float32), np.full((5, 2), 7, np.int64)),
+            lambda: C.lora_grad(np.zeros((5, 3), np.float32), np.zeros((4, 2), np.float32),
+                                np.zeros((1, 3), np.float32), np.zeros((2, 1), np.float32), 1.0)]:
     try:
         bad()
     except (ValueError, TypeError, IndexError):
         pass
     else:
         raise AssertionError("bad input did not raise")
+# the LoRA weight-gradient kernel: every ISA, ragged tiles (k, n not multiples of the vector width,
+# ranks around it), blocks and threads, T on and off
+for isa in info["isas"]:
+    for m, k, n, r in [(1, 1, 1, 1), (37, 19, 23, 3), (97, 59, 33, 17), (130, 100, 70, 64), (20, 33, 47, 256)]:
+        for kw in [dict(), dict(block_rows=8, n_threads=3), dict(block_rows=1, n_threads=2)]:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            dy = rng.standard_normal((m, n)).astype(np.float32)
+            a = rng.standard_normal((r, k)).astype(np.float32)
+            b = rng.standard_normal((n, r)).astype(np.float32)
+            da, db, t, _ = C.lora_grad(x, dy, a, b, 0.5, want_t=True, isa=isa, **kw)
+            T = 0.5 * dy.astype(np.float64) @ b
+            assert np.allclose(t, T, rtol=1e-4, atol=1e-4 * np.abs(T).max())
+            assert np.allclose(da, T.T @ x, rtol=1e-4, atol=1e-4 * np.abs(T.T @ x).max())
+            S = 0.5 * x.astype(np.float64) @ a.T
+            assert np.allclose(db, dy.T @ S, rtol=1e-4, atol=1e-4 * np.abs(dy.T @ S).max())
+            C.lora_grad(x, dy, a, b, 0.5, isa=isa, **kw)
+            n_runs += 2
 print(f"{n_runs} core runs clean under AddressSanitizer")
 
 # the backend and the whole pipeline on top of the instrumented core

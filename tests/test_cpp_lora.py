@@ -63,7 +63,17 @@ def test_blocking_and_threads_do_not_change_results_beyond_rounding(block_rows, 
     x, dy, a, b = make(203, 40, 52, 12, seed=1)
     da, db, t, plan = C.lora_grad(x, dy, a, b, -1.5, want_t=True, block_rows=block_rows, n_threads=n_threads)
     assert plan["block_rows"] == block_rows
+    if C.info()["openmp"]:  # explicit threads are honoured up to one per token block
+        assert plan["threads"] == min(n_threads, -(-203 // block_rows))
     check((da, db, t), x, dy, a, b, -1.5)
+
+
+def test_automatic_threads_follow_the_work():
+    small = C.lora_grad(*make(64, 64, 64, 4, seed=4), 1.0)[3]
+    assert small["threads"] == 1  # ~1 MFLOP: one thread, no team to wake
+    big = C.lora_grad(*make(2048, 256, 256, 16, seed=5), 1.0)[3]
+    if C.info()["openmp"] and C.info()["max_threads"] > 1:
+        assert big["threads"] > 1
 
 
 def test_t_is_optional_and_zero_inputs_give_zero():
