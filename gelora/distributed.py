@@ -5,13 +5,17 @@ Every rank holds a shard ``x_local`` of the points (the global order is rank 0's
 next rank, from the previous one, the next transfer overlapping the current search), so each rank
 holds at most two shards at a time: memory O(N_local D), never the whole set, never O(N^2).
 
-For every shard that passes, a rank searches its own points against it with the local engine (the
-Triton kernel for CUDA tensors when the selected backend is ``"triton"``, blocked torch ``mm + topk``
-otherwise), re-ranks the candidates of that shard with directly computed distances while the shard's
-vectors are there, and keeps the best ``k`` over all shards. Certification is the one of
-:func:`gelora.knn.knn_exact`, per shard: a shard's non-candidates are at least its ``kc``-th candidate
-value minus the error bound away, and a row whose k-th distance is above the smallest such floor is
-recomputed in float64 in a second ring pass (rare: only when some rank has such rows).
+The ring carries the points as given. For every shard that passes, a rank centres it with the global
+mean, searches its own centred points against it with the local engine (the Triton kernel for CUDA
+tensors when the selected backend is ``"triton"``, blocked torch ``mm + topk`` otherwise), re-ranks the
+candidates of that shard with distances computed directly from the points as given (not the centred
+copies, as :func:`gelora.knn.knn_exact`) while the shard's vectors are there, and keeps the best ``k``
+over all shards. Certification is the one of :func:`gelora.knn.knn_exact`, per shard: a shard's
+non-candidates are at least its ``kc``-th candidate value minus the error bound away (and the
+centring's rounding, :func:`gelora.knn.centring_floor`), and a row whose k-th distance is above the
+smallest such floor is recomputed in float64 in a second ring pass (rare: only when some rank has such
+rows), certified in turn, with a brute-force third pass for the rows even float64's shortcut cannot
+rank (:func:`_float64_rows`).
 
 :func:`twonn_distributed` adds what the single-process :func:`gelora.twonn` does first: exact
 duplicate rows are collapsed across ranks (first occurrence in the global order wins, using
@@ -35,7 +39,7 @@ import torch.distributed as dist
 
 from ._input import ArrayLike, as_points, to_tensor
 from .backends import select_backend
-from .knn import EXTRA_CANDIDATES, direct_sq_dist
+from .knn import EXTRA_CANDIDATES, brute_knn, centring_floor, direct_sq_dist, float64_floor, norm_bounds
 from .twonn import TwoNNResult, _check_estimator, id_from_distances, unique_rows
 
 __all__ = ["knn2_distributed", "twonn_distributed"]
@@ -238,35 +242,44 @@ def _merge(best_d, best_i, new_d, new_i, k):
     return torch.gather(d, 1, o), torch.gather(i, 1, o)
 
 
-def _knn_sharded(g: _Group, xc: torch.Tensor, sizes: List[int], k: int, engine_name: str,
-                 scale_src: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, int, str]:
-    """k nearest neighbours (global indices) of the centred local rows ``xc`` among all ranks' rows.
+def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tensor, sizes: List[int], k: int,
+                 engine_name: str) -> Tuple[torch.Tensor, torch.Tensor, int, str]:
+    """k nearest neighbours (global indices) of the local rows ``xt`` among all ranks' rows.
 
-    Returns squared distances (n_local, k) (dtype of ``xc``), indices (n_local, k) int64, the number of
-    rows recomputed in float64 on all ranks, and the engine used.
+    ``xc`` is the local shard centred with the global float64 ``mean`` (:func:`_centre_global`). The
+    ring carries the points as given; every rank centres a shard it receives the same way, searches
+    the centred copy with its engine, and re-ranks the candidates with direct distances of the points
+    as given (as :func:`gelora.knn.knn_exact`, whose certification it repeats per shard, with the
+    centring term of :func:`gelora.knn.centring_floor`).
+
+    Returns squared distances (n_local, k) (float32, float64 for float64 points), indices
+    (n_local, k) int64, the number of rows recomputed in float64 on all ranks, and the engine used.
     """
-    n = xc.shape[0]
+    n, d = xc.shape
     offsets = [sum(sizes[:r]) for r in range(g.world)]
     my_off = offsets[g.rank]
     total = sum(sizes)
     kc = min(total - 1, k + EXTRA_CANDIDATES)
+    cdt = xc.dtype
+    m_c = mean.to(device=xc.device, dtype=cdt)
     can = engine_name == "triton" and (n == 0 or xc.device.type == "cuda" or _interp())
     # every rank must take the same path (the Triton path has a collective of its own)
     use_triton = int(g.all_reduce(torch.tensor([int(can)], dtype=torch.int64), dist.ReduceOp.MIN)) == 1
     if use_triton:
         from .backends.triton_backend import default_precision, operand_scale  # noqa: PLC0415
 
-        local_top = torch.tensor([float(scale_src.abs().max()) if scale_src.numel() else 0.0],
-                                 dtype=torch.float64)
+        local_top = torch.tensor([float(xc.abs().max()) if xc.numel() else 0.0], dtype=torch.float64)
         top = float(g.all_reduce(local_top, dist.ReduceOp.MAX))
         scale = operand_scale(torch.tensor([top]), default_precision())
         engine = _TritonCross(xc, scale) if n else None
     else:
         engine = _TorchCross(xc) if n else None
     name = "triton" if use_triton else "torch"
+    # upper bounds on the norms of the local centred rows, for the centring term
+    q_norm = norm_bounds(torch.linalg.vector_norm(xc, dim=1).square_(), d) if n else None
 
     inf = float("inf")
-    best_d = torch.full((n, k), inf, dtype=xc.dtype, device=xc.device)
+    best_d = torch.full((n, k), inf, dtype=cdt, device=xc.device)
     best_i = torch.full((n, k), -1, dtype=torch.int64, device=xc.device)
     floor = torch.full((n,), inf, dtype=torch.float64, device=xc.device)
 
@@ -280,59 +293,113 @@ def _knn_sharded(g: _Group, xc: torch.Tensor, sizes: List[int], k: int, engine_n
         kcs = min(kc, avail)
         if kcs <= 0:
             return
-        d_apx, i_loc, err = engine.search(keys, kcs, my_off, k_off)
+        # the shard centred as _centre_global centres every rank's points (bit for bit)
+        keys_c = xc if own else (keys.to(cdt) - m_c).contiguous()
+        d_apx, i_loc, err = engine.search(keys_c, kcs, my_off, k_off)
         # -1 marks a missing candidate: any valid index stands in, the result is masked below
-        exact = direct_sq_dist(xc, None, i_loc.clamp_min(0), keys, chunk_elems=RERANK_ELEMS)
+        exact = direct_sq_dist(xt, None, i_loc.clamp_min(0), keys, chunk_elems=RERANK_ELEMS, dtype=cdt)
         exact = torch.where(i_loc >= 0, exact, torch.full_like(exact, inf))
         gidx = torch.where(i_loc >= 0, i_loc + k_off, i_loc)
-        best_d, best_i = _merge(best_d, best_i, exact.to(best_d.dtype), gidx, k)
+        best_d, best_i = _merge(best_d, best_i, exact, gidx, k)
         if kcs < avail:  # some keys of this shard are not candidates: bound them from below
             f = d_apx[:, -1].to(torch.float64) - torch.as_tensor(err, device=xc.device).to(torch.float64)
-            floor = torch.minimum(floor, f)
+            k_norm = norm_bounds(torch.linalg.vector_norm(keys_c, dim=1).square_(), d).max()
+            floor = torch.minimum(floor, centring_floor(f, q_norm, k_norm, cdt, d))
 
-    _ring(g, xc, sizes, visit)
+    _ring(g, xt, sizes, visit)
 
     bad = torch.nonzero(best_d[:, -1].to(torch.float64) > floor).flatten() if n else \
         torch.empty(0, dtype=torch.int64, device=xc.device)
     n_bad = int(g.all_reduce(torch.tensor([bad.numel()], dtype=torch.int64)))
     if n_bad:
-        fd, fi = _float64_rows(g, xc, bad, sizes, offsets, k)
+        fd, fi = _float64_rows(g, xt, mean, bad, sizes, offsets, k)
         best_d = best_d.clone()
         best_d[bad] = fd.to(best_d.dtype)
         best_i[bad] = fi
     return best_d, best_i, n_bad, name
 
 
-def _float64_rows(g: _Group, xc: torch.Tensor, rows: torch.Tensor, sizes, offsets, k):
-    """Exact float64 k-NN of the local rows ``rows`` against every shard (second ring pass)."""
-    q = xc[rows].to(torch.float64)
-    m = q.shape[0]
-    sq = (q * q).sum(1)
-    best_d = torch.full((m, k), float("inf"), dtype=torch.float64, device=xc.device)
-    best_i = torch.full((m, k), -1, dtype=torch.int64, device=xc.device)
+def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.Tensor, sizes, offsets, k):
+    """Exact float64 k-NN (squared distances, global indices) of the local rows ``rows`` of the points
+    ``xt`` against every shard: :func:`gelora.knn._reference_rows` over the ring.
+
+    A second ring pass finds float64 shortcut candidates per shard (the points centred in float64 with
+    the global ``mean``), re-ranks them by direct float64 distances of the points as given, and bounds
+    each shard's non-candidates from below (:func:`gelora.knn.float64_floor`, with the shard's largest
+    norm). Rows whose k-th distance is not below the smallest such floor (points far from the mean
+    relative to their neighbour distances, where even float64 cannot rank through the shortcut) get a
+    third ring pass on every rank: a brute-force direct-difference search against every shard
+    (:func:`gelora.knn.brute_knn`), which replaces their answer where the distances differ. Ties by
+    global index. Every rank takes part in both passes, rows or not.
+    """
+    q = xt[rows].to(torch.float64)
+    qc = q - mean.to(device=q.device, dtype=torch.float64)
+    m, d = q.shape
+    sq = (qc * qc).sum(1)
+    dev = xt.device
+    inf = float("inf")
+    best_d = torch.full((m, k), inf, dtype=torch.float64, device=dev)
+    best_i = torch.full((m, k), -1, dtype=torch.int64, device=dev)
+    floor = torch.full((m,), inf, dtype=torch.float64, device=dev)
     q_glob = rows + offsets[g.rank]
+    mean64 = mean.to(device=dev, dtype=torch.float64)
 
     def visit(owner: int, keys: torch.Tensor) -> None:
-        nonlocal best_d, best_i
+        nonlocal best_d, best_i, floor
         if m == 0 or keys.shape[0] == 0:
             return
-        kk = keys.to(torch.float64)
+        kk = keys.to(torch.float64) - mean64
         sk = (kk * kk).sum(1)
-        kg = torch.arange(kk.shape[0], device=xc.device) + offsets[owner]
+        sk_max = sk.max()
+        kg = torch.arange(kk.shape[0], device=dev) + offsets[owner]
+        own = owner == g.rank
         c = min(kk.shape[0], k + EXTRA_CANDIDATES)
+        avail = kk.shape[0] - (1 if own else 0)
         block = max(1, (64 << 20) // max(1, 8 * kk.shape[0]))
         for s in range(0, m, block):
             e = min(m, s + block)
-            d2 = sq[s:e].unsqueeze(1) + sk.unsqueeze(0) - 2.0 * (q[s:e] @ kk.T)
-            d2[q_glob[s:e].unsqueeze(1) == kg.unsqueeze(0)] = float("inf")
+            d2 = sq[s:e].unsqueeze(1) + sk.unsqueeze(0) - 2.0 * (qc[s:e] @ kk.T)
+            d2[q_glob[s:e].unsqueeze(1) == kg.unsqueeze(0)] = inf
             ad, cand = torch.topk(d2, c, dim=1, largest=False)
-            exact = direct_sq_dist(q[s:e], None, cand, kk, chunk_elems=RERANK_ELEMS)
-            exact = torch.where(ad == float("inf"), torch.full_like(exact, float("inf")), exact)
+            del d2
+            exact = direct_sq_dist(q[s:e], None, cand, keys, chunk_elems=RERANK_ELEMS, dtype=torch.float64)
+            exact = torch.where(ad == inf, torch.full_like(exact, inf), exact)
             nd, ni = _merge(best_d[s:e], best_i[s:e], exact, cand + offsets[owner], k)
             best_d[s:e] = nd
             best_i[s:e] = ni
+            if c < avail:  # some keys of this shard are not candidates: bound them from below
+                f = float64_floor(ad[:, -1], sq[s:e], sk_max, d, torch.float64)
+                floor[s:e] = torch.minimum(floor[s:e], f)
 
-    _ring(g, xc, sizes, visit)
+    _ring(g, xt, sizes, visit)
+
+    # "not <" also catches NaN
+    unsure = torch.nonzero(~(best_d[:, -1] < floor)).flatten()
+    n_unsure = int(g.all_reduce(torch.tensor([unsure.numel()], dtype=torch.int64)))
+    if n_unsure:
+        bq = q[unsure]
+        bq_glob = q_glob[unsure]
+        bd = torch.full((unsure.numel(), k), inf, dtype=torch.float64, device=dev)
+        bi = torch.full((unsure.numel(), k), -1, dtype=torch.int64, device=dev)
+
+        def brute(owner: int, keys: torch.Tensor) -> None:
+            nonlocal bd, bi
+            if unsure.numel() == 0 or keys.shape[0] == 0:
+                return
+            self_cols = bq_glob - offsets[owner]
+            self_cols = torch.where((self_cols >= 0) & (self_cols < keys.shape[0]), self_cols,
+                                    torch.full_like(self_cols, -1))
+            sd, si = brute_knn(bq, keys, min(k, keys.shape[0]), self_cols)
+            # a row's own key (excluded at inf) can only be among these when the shard is that small
+            si = torch.where(sd == inf, torch.full_like(si, -1), si + offsets[owner])
+            bd, bi = _merge(bd, bi, sd, si, k)
+
+        _ring(g, xt, sizes, brute)
+        # where the candidates already had the k smallest distances (a tie with a non-candidate),
+        # their indices are as good: keep them (as gelora.knn._reference_rows does)
+        wrong = (bd != best_d[unsure]).any(dim=1)
+        best_d[unsure[wrong]] = bd[wrong]
+        best_i[unsure[wrong]] = bi[wrong]
     return best_d, best_i
 
 
@@ -354,13 +421,14 @@ def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> str:
     return name
 
 
-def _centre_global(g: _Group, x: torch.Tensor, total: int) -> torch.Tensor:
-    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.centre`)."""
+def _centre_global(g: _Group, x: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.centre`),
+    and that (D,) float64 mean (the same on every rank)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = x.sum(dim=0, dtype=torch.float64) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64,
                                                                          device=x.device)
     mean = g.all_reduce(s) / total
-    return (x.to(cdt) - mean.to(device=x.device, dtype=cdt)).contiguous()
+    return (x.to(cdt) - mean.to(device=x.device, dtype=cdt)).contiguous(), mean
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -399,8 +467,8 @@ def knn2_distributed(
     if total < k + 1:
         raise ValueError(f"x: {total} point(s) over all ranks; k={k} needs at least {k + 1}")
     engine = _select(g, xt, backend)
-    xc = _centre_global(g, xt, total)
-    d2, idx, _, _ = _knn_sharded(g, xc, sizes, k, engine, xc)
+    xc, mean = _centre_global(g, xt, total)
+    d2, idx, _, _ = _knn_sharded(g, xt, xc, mean, sizes, k, engine)
     dist_ = d2.clamp_min(0).sqrt().float()
     if gather:
         dist_ = g.all_gather_rows(dist_, sizes)
@@ -447,8 +515,8 @@ def twonn_distributed(
     if total < 3:
         raise ValueError(f"only {total} distinct point(s) among {n_points} over all ranks; TwoNN needs at least 3")
     engine = _select(g, xt, backend)
-    xc = _centre_global(g, xt, total)
-    d2, _, n_fixed, used = _knn_sharded(g, xc, sizes, 2, engine, xc)
+    xc, mean = _centre_global(g, xt, total)
+    d2, _, n_fixed, used = _knn_sharded(g, xt, xc, mean, sizes, 2, engine)
     dist_all = g.all_gather_rows(d2.clamp_min(0).sqrt(), sizes)
     res = id_from_distances(dist_all, estimator=estimator, discard_fraction=discard_fraction,
                             bootstrap=bootstrap, seed=seed)

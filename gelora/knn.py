@@ -2,13 +2,17 @@
 
 1. centre the points (the mean is taken in float64): the ``|x|^2 + |y|^2 - 2<x,y>`` shortcut that
    fast engines use loses ``~u * |x|^2`` absolute accuracy, so large offsets must go first;
-2. the backend returns ``kc > k`` *candidates* per row with approximate squared distances and an
-   error bound (:meth:`gelora.backends.KnnBackend.search`);
+2. the backend returns ``kc > k`` *candidates* per row with approximate squared distances of the
+   centred points and an error bound (:meth:`gelora.backends.KnnBackend.search`);
 3. the candidates are re-ranked with distances computed directly, ``sum((x - y)^2)`` in float32 (float64
-   for float64 input): exact duplicates get exactly 0, never a fake ``1e-2`` from cancellation;
+   for float64 input), on the user's points as given (not the centred ones: centring into float32
+   rounds every coordinate once more, by up to ``u |x - mean|``, which is not small against the
+   neighbour distances of a tight cluster far from the mean). Exact duplicates get exactly 0, never a
+   fake ``1e-2`` from cancellation;
 4. certification: a row is exact when its re-ranked k-th distance is below the smallest distance any
-   non-candidate can have (the backend's kc-th approximate distance minus its error bound). Rows that
-   fail are recomputed by the float64 reference, so the answer never depends on the engine's rounding.
+   non-candidate can have (the backend's kc-th approximate distance minus its error bound, moved by
+   the centring's rounding, :func:`centring_floor`). Rows that fail are recomputed by the float64
+   reference, so the answer never depends on the engine's rounding.
 
 :func:`knn_reference` is the float64 reference that tests and benchmarks compare against. It runs the
 same pipeline in float64 with a worst-case (not probabilistic) bound on the shortcut's rounding
@@ -18,6 +22,7 @@ shortcut (points far from the mean relative to their neighbour distances).
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -49,7 +54,19 @@ def centre(
 
     ``mean``: the (D,) float64 column mean of ``x`` when the caller already has it (the C++ core's
     ``prepare_points`` returns it with the finiteness count and the row hashes), so the points are not
-    read once more just for it; it must be the mean of exactly these rows."""
+    read once more just for it; it must be the mean of exactly these rows.
+
+    Every coordinate is one rounding of ``x - m~``, with ``m~`` the mean rounded to ``compute_dtype``
+    (the same for every row): what :func:`centring_floor` accounts for."""
+    return centre_and_mean(x, compute_dtype, mean=mean)[0]
+
+
+def centre_and_mean(
+    x: torch.Tensor, compute_dtype: Optional[torch.dtype] = None, *, mean: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`centre` and the (D,) float64 mean it subtracted (``mean`` itself when given; on the CPU
+    for the C++ core, else on the device of ``x``), which the float64 recomputation of
+    :func:`knn_exact` centres the points with."""
     if compute_dtype is None:
         compute_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     core = cpu_core(x) if x.dtype == compute_dtype else None
@@ -58,13 +75,15 @@ def centre(
         nt = torch.get_num_threads()
         if mean is None:
             _, m, _ = core.prepare_points(arr, n_threads=nt)
+            mean = torch.from_numpy(m)
         else:
-            m = mean.detach().to("cpu", torch.float64).contiguous().numpy()
-        return torch.from_numpy(core.centre(arr, m, n_threads=nt))
+            mean = mean.detach().to("cpu", torch.float64).contiguous()
+            m = mean.numpy()
+        return torch.from_numpy(core.centre(arr, m, n_threads=nt)), mean
     if mean is None:
         mean = x.mean(dim=0, dtype=torch.float64)
-    mean = mean.to(device=x.device, dtype=compute_dtype)
-    return (x.to(compute_dtype) - mean).contiguous()
+    mean = mean.detach().to(device=x.device, dtype=torch.float64)
+    return (x.to(compute_dtype) - mean.to(compute_dtype)).contiguous(), mean
 
 
 def direct_sq_dist(
@@ -74,44 +93,59 @@ def direct_sq_dist(
     keys: Optional[torch.Tensor] = None,
     *,
     chunk_elems: Optional[int] = None,
+    dtype: Optional[torch.dtype] = None,
 ) -> torch.Tensor:
     """Squared distances ``sum((x[rows[i]] - keys[cand[i, j]])^2)`` computed directly (no norm shortcut).
 
     Args:
-        x: (N, D) float32/float64 query points.
+        x: (N, D) query points, any float dtype.
         rows: (M,) int64 indices of the query rows in ``x``; None: every row of ``x`` in order (M = N).
         cand: (M, C) int64 indices into ``keys``.
-        keys: (K, D) points of the dtype of ``x`` that ``cand`` indexes; default ``x`` itself (the
-            distributed search passes the shard in hand, the float64 fallback its float64 candidates).
+        keys: (K, D) points that ``cand`` indexes, any float dtype; default ``x`` itself (the
+            distributed search passes the shard in hand).
         chunk_elems: elements of one gathered (rows, C, D) block; default cache-sized on the CPU and
             ``1 << 16`` rows on a GPU (the distributed search bounds it on every device).
+        dtype: the dtype of the arithmetic; the gathered rows are converted to it chunk by chunk (no
+            copy of all the points), exactly when it is at least as wide as theirs. Default: the dtype
+            of ``x``, float32 for float16/bfloat16.
 
     Returns:
-        (M, C) tensor of the dtype of ``x``.
+        (M, C) tensor of ``dtype``. A pair gets the same value whatever the chunking and whichever
+        rows are asked with it (the same elementwise float operations and the same reduction).
     """
     if keys is None:
         keys = x
+    if dtype is None:
+        dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
     m = cand.shape[0]
-    out = torch.empty(cand.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(cand.shape, dtype=dtype, device=x.device)
     kc, d = cand.shape[1], x.shape[1]
     if chunk_elems is None:
         # small chunks keep the gathered (rows, C, D) block in cache: ~15x faster than one big gather
         step = max(1, RERANK_CHUNK_ELEMS // max(1, kc * d)) if x.device.type == "cpu" else 1 << 16
+        if x.device.type != "cpu" and keys.dtype != dtype:
+            # the gathered block and its converted copy together take the bytes of one block of dtype
+            size = torch.empty(0, dtype=dtype).element_size()
+            step = max(1, step * size // (size + keys.element_size()))
     else:
         step = max(1, chunk_elems // max(1, kc * d))
     for s in range(0, m, step):
         c = cand[s : s + step]
         g = torch.index_select(keys, 0, c.reshape(-1)).view(c.shape[0], kc, d)
+        if g.dtype != dtype:
+            g = g.to(dtype)
         q = x[s : s + step] if rows is None else torch.index_select(x, 0, rows[s : s + step])
-        g.sub_(q.unsqueeze(1))
+        g.sub_(q.to(dtype).unsqueeze(1))
         out[s : s + step] = g.pow_(2).sum(dim=-1)
     return out
 
 
 def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Float64 brute-force reference: k nearest neighbours of every row among the other rows.
+    """Float64 reference: k nearest neighbours of every row among the other rows, exact.
 
-    Blocked over query rows (memory O(block * N)), distances from the centred float64 points.
+    Blocked over query rows (memory O(block * N)); candidates from the float64 shortcut on the points
+    centred in float64, distances computed directly from the points as given (converted to float64,
+    exactly), see :func:`_reference_rows`.
 
     Args:
         x: (N, D) tensor/array, any float dtype.
@@ -121,11 +155,14 @@ def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]
         dist: (N, k) float64 Euclidean distances, ascending; idx: (N, k) int64.
     """
     xt = as_points(x, min_points=k + 1)
-    xc = centre(xt, torch.float64)
-    return _reference_rows(xc, torch.arange(xc.shape[0], device=xc.device), k)
+    xc64 = centre(xt, torch.float64)
+    d2, idx = _reference_rows(xt, torch.arange(xt.shape[0], device=xt.device), k, xc=xc64)
+    return d2.clamp_min(0).sqrt(), idx
 
 
-def float64_shortcut_error(sq_norms: torch.Tensor, dim: int) -> Tuple[torch.Tensor, float]:
+def float64_shortcut_error(
+    sq_norms: torch.Tensor, dim: int, key_max: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, float]:
     """Worst-case rounding bounds of the float64 search of :func:`_reference_rows`.
 
     For rows ``x``, ``y`` with squared norms ``a``, ``b`` (computed as ``sum(x * x)``), the float64
@@ -140,6 +177,8 @@ def float64_shortcut_error(sq_norms: torch.Tensor, dim: int) -> Tuple[torch.Tens
     Args:
         sq_norms: (N,) float64 squared norms of the rows.
         dim: D.
+        key_max: the largest squared norm of the rows ``y`` the bound must hold for (the distributed
+            recomputation passes one shard's); default ``sq_norms.max()``.
 
     Returns:
         err: (N,) float64, ``|shortcut(x_r, y) - |x_r - y|^2| <= err[r]`` for every row ``y``;
@@ -148,85 +187,220 @@ def float64_shortcut_error(sq_norms: torch.Tensor, dim: int) -> Tuple[torch.Tens
     u = torch.finfo(torch.float64).eps / 2
     nu = (dim + 2) * u
     rel = nu / (1.0 - nu)
-    return 4.0 * rel * (sq_norms + sq_norms.max()), rel
+    top = sq_norms.max() if key_max is None else key_max
+    return 4.0 * rel * (sq_norms + top), rel
 
 
-def _reference_rows(xc: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact float64 k-NN for the query rows ``rows`` of ``xc`` (self excluded by index).
+def norm_bounds(sq_norms: torch.Tensor, dim: int) -> torch.Tensor:
+    """float64 upper bounds on the Euclidean norms of rows whose squared norms ``sq_norms`` were
+    computed in their dtype as sums of ``dim`` squares (any order, FMA or not; also ``vector_norm``
+    squared): each of at most ``dim + 3`` roundings (squares, additions, a square root and its square)
+    shrinks a sum of non-negative terms by at most a factor ``1 - u``, and a square that underflows
+    loses at most ``tiny``. So ``|x|^2 <= (computed + D tiny) / (1 - u)^(D + 4)``, for any D."""
+    fi = torch.finfo(sq_norms.dtype)
+    u, u64 = fi.eps / 2, torch.finfo(torch.float64).eps / 2
+    grow = math.exp(-(dim + 4) * math.log1p(-u)) * (1.0 + 4.0 * u64)
+    return ((sq_norms.to(torch.float64) + dim * fi.tiny) * grow).sqrt() * (1.0 + 2.0 * u64)
 
-    Candidates from the float64 shortcut, re-ranked by direct distances and certified like the engines'
-    (:func:`float64_shortcut_error`: the row's k-th direct distance lies below the smallest direct
-    distance any non-candidate can have); a row that fails gets :func:`_brute_rows`, whose answer
-    replaces the candidates' only where their distances differ. Ties keep the order of the stable sort
-    of the candidates (by index in a replaced row).
+
+def centring_floor(
+    floor_c: torch.Tensor, norms: torch.Tensor, norm_max, dtype: torch.dtype, dim: int
+) -> torch.Tensor:
+    """A lower bound on ``|x_i - x_j|^2`` for the user's points from one, ``F``, on ``|xc_i - xc_j|^2``
+    for their centred copies (what the engines' shortcut distances bound), for every row ``j``.
+
+    Derivation. The centred points are ``xc_i = fl(x_i - m~)``: the exact point (float16/bfloat16/
+    float32 -> float32 and float64 -> float64 are exact) minus one mean ``m~``, the same for every row,
+    rounded once to ``dtype`` (unit roundoff ``u``; :func:`centre`). Rounding to nearest gives, per
+    coordinate, ``fl(a) = a / (1 + d)`` with ``|d| <= u``, so ``xc_ic = (x_ic - m~_c) + e_ic`` with
+    ``|e_ic| = |d xc_ic| <= u |xc_ic|`` (the error relative to the rounded result), hence
+    ``|e_i| <= u |xc_i|`` for the error vector of a row. The mean cancels in a difference of two rows,
+    ``xc_i - xc_j = (x_i - x_j) + (e_i - e_j)``, and by the triangle inequality::
+
+        | |xc_i - xc_j| - |x_i - x_j| | <= |e_i| + |e_j| <= u (|xc_i| + |xc_j|).
+
+    (A coordinate in the subnormal range has an absolute error of at most ``tiny`` instead, flushed
+    to zero or not: ``2 sqrt(D) tiny`` more for the pair.) With ``|xc_j| <= norm_max`` for every row
+    ``j`` and ``c_i = u (|xc_i| + norm_max) + 2 sqrt(D) tiny``: ``|x_i - x_j| >= sqrt(F) - c_i``, so
+    ``|x_i - x_j|^2 >= (sqrt(F) - c_i)^2`` where ``sqrt(F) > c_i``, and ``>= 0`` otherwise. Evaluated in
+    float64 and shrunk by a few float64 units of its own rounding (sqrt, subtraction, square).
+
+    Args:
+        floor_c: (M,) the bounds ``F`` (any float dtype; negative and NaN count as 0).
+        norms: (M,) upper bounds on ``|xc_i|`` (:func:`norm_bounds`).
+        norm_max: upper bound on ``|xc_j|`` over the rows ``j`` that ``F`` covers (0-d tensor or float).
+        dtype: the dtype the centred points were rounded to.
+        dim: D.
+
+    Returns:
+        (M,) float64 lower bounds on ``|x_i - x_j|^2`` (``inf`` where ``F`` is).
+    """
+    fi = torch.finfo(dtype)
+    u64 = torch.finfo(torch.float64).eps / 2
+    c = (fi.eps / 2 * (norms.to(torch.float64) + norm_max) + 2.0 * math.sqrt(dim) * fi.tiny) * (1.0 + 8.0 * u64)
+    s = floor_c.to(torch.float64).clamp_min(0).sqrt() * (1.0 - 4.0 * u64) - c
+    return torch.where(s > 0, s * s * (1.0 - 4.0 * u64), torch.zeros_like(s))
+
+
+def float64_floor(
+    sc_last: torch.Tensor,
+    sq_q: torch.Tensor,
+    sq_key_max: torch.Tensor,
+    dim: int,
+    centred: Optional[torch.dtype] = torch.float64,
+) -> torch.Tensor:
+    """The smallest float64 direct squared distance, on the points as given, that a key which is not a
+    candidate can have: the float64 shortcut (on the centred points) of every non-candidate is at
+    least ``sc_last`` (the row's kc-th), its true centred distance at least that minus
+    :func:`float64_shortcut_error`, its true distance on the points at least :func:`centring_floor` of
+    that, and the direct distance computed from them at least that times ``1 - gamma_{D+2}``.
+
+    Args:
+        sc_last: (M,) float64 kc-th shortcut distance of each row.
+        sq_q: (M,) float64 squared norms (computed in float64) of the centred query rows the shortcut
+            used.
+        sq_key_max: 0-d float64 largest squared norm of the keys the bound covers.
+        dim: D.
+        centred: the dtype the centred points were rounded to (``fl(x - m)`` with one ``m`` for all
+            rows: float64 for the reference's own centring, float32 for the engines' centred points
+            converted to float64); None: the shortcut ran on the points themselves.
+
+    Returns:
+        (M,) float64; a row whose k-th direct distance is below it is certified.
+    """
+    err, rel = float64_shortcut_error(sq_q, dim, key_max=sq_key_max)
+    f = sc_last - err
+    if centred is not None:
+        f = centring_floor(f, norm_bounds(sq_q, dim), norm_bounds(sq_key_max, dim), centred, dim)
+    return f * (1.0 - rel)
+
+
+def _reference_rows(
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    *,
+    xc: Optional[torch.Tensor] = None,
+    mean: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact float64 k-NN for the query rows ``rows`` of the points ``x`` (self excluded by index).
+
+    Candidates from the float64 shortcut on the points centred, re-ranked by direct float64 distances
+    of the points ``x`` themselves (any float dtype, converted exactly a chunk at a time) and certified
+    like the engines' (:func:`float64_floor`: the row's k-th direct distance lies below the smallest
+    direct distance any non-candidate can have); a row that fails gets :func:`_brute_rows`, whose
+    answer replaces the candidates' only where their distances differ. Ties keep the order of the
+    stable sort of the candidates (by index in a replaced row).
+
+    Centring: ``xc`` is the centred copy of ``x`` when the caller has one (``fl(x - m~)`` with one rounded
+    mean for every row, float32 or float64: :func:`centre`), ``mean`` the (D,) float64 mean. The float64
+    shortcut runs on ``xc`` when it is float64, else on ``x - mean`` centred in float64 here (``mean``
+    computed when not given); with neither, on ``x`` itself (nothing centred, nothing to account for).
 
     A few failing rows of float32 points on the CPU are first tried against float64 chunks of the
-    points (:func:`_reference_rows_streamed`): a float64 copy of all the points costs more than the
-    arithmetic of a handful of rows (a 25 MB copy and its squared norms at 4096 x 768). Every other
-    case, and any row that try cannot certify, takes the float64 copy."""
-    n, d = xc.shape
+    points (:func:`_reference_rows_streamed`, on float32 ``xc`` as it is): a float64 copy of all the
+    points costs more than the arithmetic of a handful of rows (a 25 MB copy and its squared norms at
+    4096 x 768). Every other case, and any row that try cannot certify, takes the float64 copy.
+
+    Returns:
+        (M, k) float64 *squared* distances, ascending, and (M, k) int64 indices.
+    """
+    n, d = x.shape
     # query rows per block: the (block, N) float64 distance block stays within 64 MiB
     block = max(1, min(1024, (64 << 20) // max(1, 8 * n)))
     few = 0 < rows.shape[0] <= min(STREAM_MAX_ROWS, block)
-    if few and xc.device.type == "cpu" and xc.dtype != torch.float64:
-        found = _reference_rows_streamed(xc, rows, k)
+    if few and x.device.type == "cpu" and x.dtype != torch.float64:
+        found = _reference_rows_streamed(x, rows, k, xc=xc, mean=mean)
         if found is not None:
             return found
-    x64 = xc.to(torch.float64)
-    sq = (x64 * x64).sum(1)
+    centred = xc is not None or mean is not None
+    if xc is not None and xc.dtype == torch.float64:
+        xc64 = xc
+    elif not centred:
+        xc64 = x.to(torch.float64)
+    else:
+        if mean is None:
+            mean = x.mean(dim=0, dtype=torch.float64)
+        mean = mean.to(device=x.device, dtype=torch.float64)
+        if x.dtype == torch.float64:
+            xc64 = x - mean
+        else:
+            xc64 = x.to(torch.float64)
+            xc64.sub_(mean)
+    sq = (xc64 * xc64).sum(1)
+    sq_max = sq.max()
     kc = min(n - 1, k + EXTRA_CANDIDATES)
-    err, rel = float64_shortcut_error(sq, d)
-    out_d = torch.empty(rows.shape[0], k, dtype=torch.float64, device=xc.device)
-    out_i = torch.empty(rows.shape[0], k, dtype=torch.int64, device=xc.device)
+    out_d = torch.empty(rows.shape[0], k, dtype=torch.float64, device=x.device)
+    out_i = torch.empty(rows.shape[0], k, dtype=torch.int64, device=x.device)
     for s in range(0, rows.shape[0], block):
         r = rows[s : s + block]
-        d2 = sq[r].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (x64[r] @ x64.T)
-        d2[torch.arange(r.shape[0], device=xc.device), r] = float("inf")
+        d2 = sq[r].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (xc64[r] @ xc64.T)
+        d2[torch.arange(r.shape[0], device=x.device), r] = float("inf")
         sc, cand = torch.topk(d2, kc, dim=1, largest=False)
         del d2
         # re-rank the float64 candidates directly as well, so the reference is exact for duplicates
-        exact = direct_sq_dist(x64, r, cand)
+        exact = direct_sq_dist(x, r, cand, dtype=torch.float64)
         exact, order = torch.sort(exact, dim=1, stable=True)
         best_d = exact[:, :k].clone()
         best_i = torch.gather(cand, 1, order)[:, :k]
         if kc < n - 1:
-            # every non-candidate j has shortcut >= sc[:, -1], so true d2 >= sc[:, -1] - err and
-            # direct d2 >= (sc[:, -1] - err) * (1 - rel); "not <" also catches NaN
-            unsure = torch.nonzero(~(best_d[:, -1] < (sc[:, -1] - err[r]) * (1.0 - rel))).flatten()
+            # "not <" also catches NaN
+            floor = float64_floor(sc[:, -1], sq[r], sq_max, d, torch.float64 if centred else None)
+            unsure = torch.nonzero(~(best_d[:, -1] < floor)).flatten()
             if unsure.numel():
-                bd, bi = _brute_rows(x64, r[unsure], k)
+                bd, bi = _brute_rows(x, r[unsure], k)
                 # where the candidates already had the k smallest distances (a tie with a
                 # non-candidate, e.g. on a lattice), their indices are as good: keep them
                 wrong = (bd != best_d[unsure]).any(dim=1)
                 best_d[unsure[wrong]] = bd[wrong]
                 best_i[unsure[wrong]] = bi[wrong]
-        out_d[s : s + block] = best_d.clamp_min(0).sqrt()
+        out_d[s : s + block] = best_d
         out_i[s : s + block] = best_i
     return out_d, out_i
 
 
-def _brute_rows(x64: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Squared direct distances ``sum((x - y)^2)`` of the rows ``rows`` of the float64 points ``x64`` to
-    every other point and their k smallest (ties by index): exact, O(N D) per row, for the rows the
-    shortcut cannot certify. The differences are formed in (rows, points, D) blocks of at most
-    :data:`BRUTE_CHUNK_ELEMS` elements (one row against one point when D alone is larger); the (rows, N)
-    distances stay within the caller's block. The same float64 operations as :func:`direct_sq_dist`,
-    so a pair gets the same value in both."""
-    n, d = x64.shape
-    m = rows.shape[0]
-    out_d = torch.empty(m, k, dtype=torch.float64, device=x64.device)
-    out_i = torch.empty(m, k, dtype=torch.int64, device=x64.device)
-    # rows per pass: at least 256 points (or all) per difference block, few passes over the points
+def _brute_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`brute_knn` of the rows ``rows`` of the points ``x`` against all of them, self excluded."""
+    return brute_knn(x[rows], x, k, rows)
+
+
+def brute_knn(
+    q: torch.Tensor, keys: torch.Tensor, k: int, self_cols: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Squared float64 direct distances ``sum((q_i - y)^2)`` of the query rows ``q`` to every key ``y``
+    and their k smallest (ties by key index): exact, O(K D) per row, for the rows the shortcut cannot
+    certify. Queries and keys (any float dtype) are converted to float64 exactly, a block at a time.
+
+    The differences are formed in (rows, keys, D) blocks of at most :data:`BRUTE_CHUNK_ELEMS` elements
+    (one row against one key when D alone is larger); the (rows, K) distances stay within the caller's
+    block. The same float64 operations as :func:`direct_sq_dist` with ``dtype=torch.float64``, so a
+    pair gets the same value in both.
+
+    Args:
+        q: (M, D) query rows. keys: (K, D), ``k <= K``.
+        self_cols: (M,) int64 key index that row i must not return (its own row; -1: none).
+
+    Returns:
+        (M, k) float64 squared distances, ascending, and (M, k) int64 key indices.
+    """
+    n, d = keys.shape
+    m = q.shape[0]
+    out_d = torch.empty(m, k, dtype=torch.float64, device=keys.device)
+    out_i = torch.empty(m, k, dtype=torch.int64, device=keys.device)
+    # rows per pass: at least 256 keys (or all) per difference block, few passes over the keys
     rb = max(1, min(m, BRUTE_CHUNK_ELEMS // max(1, d * min(n, 256))))
     for a in range(0, m, rb):
-        r = rows[a : a + rb]
-        q = x64[r].unsqueeze(1)
-        d2 = torch.empty(r.shape[0], n, dtype=torch.float64, device=x64.device)
-        step = max(1, BRUTE_CHUNK_ELEMS // max(1, r.shape[0] * d))
+        qa = q[a : a + rb].to(torch.float64).unsqueeze(1)
+        mb = qa.shape[0]
+        d2 = torch.empty(mb, n, dtype=torch.float64, device=keys.device)
+        step = max(1, BRUTE_CHUNK_ELEMS // max(1, mb * d))
         for s in range(0, n, step):
-            diff = x64[s : s + step].unsqueeze(0) - q
+            diff = keys[s : s + step].to(torch.float64).unsqueeze(0) - qa
             d2[:, s : s + step] = diff.pow_(2).sum(dim=-1)
-        d2[torch.arange(r.shape[0], device=x64.device), r] = float("inf")
+        if self_cols is not None:
+            sc = self_cols[a : a + rb]
+            hit = torch.nonzero(sc >= 0).flatten()
+            d2[hit, sc[hit]] = float("inf")
         out_d[a : a + rb], out_i[a : a + rb] = _smallest_by_index(d2, k)
     return out_d, out_i
 
@@ -252,28 +426,41 @@ def _smallest_by_index(d2: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     return val[:, :k], torch.gather(pi, 1, order[:, :k])
 
 
+
 def _reference_rows_streamed(
-    xc: torch.Tensor, rows: torch.Tensor, k: int
+    x: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    *,
+    xc: Optional[torch.Tensor] = None,
+    mean: Optional[torch.Tensor] = None,
 ) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`_reference_rows` for a few rows (one query block) without a float64 copy of all of ``xc``,
+    """:func:`_reference_rows` for a few rows (one query block) without a float64 copy of all of ``x``,
     or None.
 
-    The float64 shortcut distances of the rows are computed against float64 chunks of the points, so
-    only one chunk and the rows' candidates are ever float64. The answer must be the one of the full
-    copy bit for bit, and the shortcut itself is not: the GEMM's rounding depends on its shape (the
-    float64 products of a column chunk differ from those of all columns in the last bits). So the
-    answer is returned only where it is the unique exact one: every row passes the full copy's
-    certification (:func:`float64_shortcut_error`) against its own shortcut, and its first k + 1 direct
+    The float64 shortcut distances of the rows are computed against float64 chunks of the centred
+    points (``xc`` as it is, converted exactly, when given: no extra pass; else ``x - mean``, else ``x``),
+    so only one chunk and the rows' candidates are ever float64; the certification accounts for the
+    rounding of the centring in the dtype of ``xc`` (:func:`float64_floor`). The answer must be the one
+    of the full copy bit for bit, and the shortcut itself is not: the GEMM's rounding depends on its
+    shape (the float64 products of a column chunk differ from those of all columns in the last bits),
+    and the full copy centres in float64. So the answer is returned only where it is the unique exact
+    one: every row passes the certification against its own shortcut, and its first k + 1 direct
     distances are distinct. The full copy's answer is exact as well (certified, or brute force), and
     the direct distances are the same computation on the same float64 values in both paths, so both
     are that one answer. Otherwise None: the caller takes the full copy (exact ties, e.g. duplicate
     rows, or points too far from the mean for the shortcut to separate their neighbours: rare among a
     handful of failing rows).
     """
-    n, d = xc.shape
+    n, d = x.shape
     m = rows.shape[0]
     kc = min(n - 1, k + EXTRA_CANDIDATES)
-    q = xc[rows].to(torch.float64)
+    src = x if xc is None else xc
+    sub = mean.to(torch.float64) if xc is None and mean is not None else None
+    centred = xc.dtype if xc is not None else (torch.float64 if sub is not None else None)
+    q = src[rows].to(torch.float64)
+    if sub is not None:
+        q -= sub
     sq_q = (q * q).sum(1)
     d2 = torch.empty(m, n, dtype=torch.float64)
     sq = torch.empty(n, dtype=torch.float64)
@@ -283,55 +470,90 @@ def _reference_rows_streamed(
     for s in range(0, n, step):
         e = min(n, s + step)
         kb, t = buf[: e - s], tmp[: e - s]
-        kb.copy_(xc[s:e])
+        kb.copy_(src[s:e])
+        if sub is not None:
+            kb.sub_(sub)
         torch.sum(torch.mul(kb, kb, out=t), 1, out=sq[s:e])
         torch.addmm(sq[s:e].unsqueeze(0), q, kb.T, beta=1.0, alpha=-2.0, out=d2[:, s:e])
     d2.add_(sq_q.unsqueeze(1))
     d2[torch.arange(m), rows] = float("inf")
     sc, cand = torch.topk(d2, kc, dim=1, largest=False)
-    keys = xc[cand.reshape(-1)].to(torch.float64)
-    exact = direct_sq_dist(q, None, torch.arange(m * kc).view(m, kc), keys)
+    exact = direct_sq_dist(x, rows, cand, dtype=torch.float64)
     exact, order = torch.sort(exact, dim=1, stable=True)
     ok = torch.ones(m, dtype=torch.bool)
     if kc > 1:
         ok &= (exact[:, 1 : min(kc, k + 1)] > exact[:, : min(kc, k + 1) - 1]).all(dim=1)
     if kc < n - 1:
-        err, rel = float64_shortcut_error(sq, d)
-        ok &= exact[:, k - 1] < (sc[:, -1] - err[rows]) * (1.0 - rel)
+        ok &= exact[:, k - 1] < float64_floor(sc[:, -1], sq_q, sq.max(), d, centred)
     if not bool(ok.all()):
         return None
-    return exact[:, :k].clamp_min(0).sqrt(), torch.gather(cand, 1, order)[:, :k]
+    return exact[:, :k].clone(), torch.gather(cand, 1, order)[:, :k]
 
 
 def knn_exact(
-    xc: torch.Tensor, k: int, engine: KnnBackend, src_dtype: Optional[torch.dtype] = None
+    xc: torch.Tensor,
+    k: int,
+    engine: KnnBackend,
+    src_dtype: Optional[torch.dtype] = None,
+    *,
+    points: Optional[torch.Tensor] = None,
+    mean: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """k nearest neighbours of the centred points ``xc`` with ``engine``, re-ranked and certified.
+    """k nearest neighbours of the points, searched by ``engine`` on their centred copy ``xc``,
+    re-ranked on the points themselves, and certified.
+
+    Args:
+        xc: (N, D) centred points (:func:`centre_and_mean`), float32 (float64 for float64 points).
+        k: neighbours per row. engine: the candidate engine. src_dtype: dtype of the user's input.
+        points: (N, D) the points as given (any float dtype, the device of ``xc``; converted exactly
+            to the dtype of ``xc`` a chunk at a time, float32 and float64 not copied): the distances
+            returned are theirs, with one rounding per term. None: ``xc`` itself (nothing centred).
+        mean: (D,) float64 mean that ``xc`` was centred with; the float64 recomputation of failing rows
+            centres ``points`` with it (computed there when not given).
 
     Returns:
         dist: (N, k) float32 (float64 for float64 ``xc``) Euclidean distances, ascending.
         idx: (N, k) int64.
         n_fixed: rows the certification sent to the float64 reference.
     """
-    n = xc.shape[0]
+    n, d = xc.shape
+    centred = points is not None and points is not xc
+    if points is None:
+        points = xc
     kc = min(n - 1, k + getattr(engine, "extra_candidates", EXTRA_CANDIDATES))
-    cand_d2, cand_idx, err = engine.search(xc, kc, src_dtype=src_dtype)
-    rows = torch.arange(n, device=xc.device)
+    sq = None
+    with_norms = getattr(engine, "search_with_norms", None) if centred else None
+    if with_norms is not None:
+        cand_d2, cand_idx, err, sq = with_norms(xc, kc, src_dtype=src_dtype)
+    else:
+        cand_d2, cand_idx, err = engine.search(xc, kc, src_dtype=src_dtype)
     rerank = getattr(engine, "rerank", None)
-    exact = rerank(xc, cand_idx) if rerank is not None else direct_sq_dist(xc, rows, cand_idx)
+    if rerank is not None:
+        exact = rerank(points if points.dtype == xc.dtype else points.to(xc.dtype), cand_idx)
+    else:
+        exact = direct_sq_dist(points, None, cand_idx, dtype=xc.dtype)
     exact, order = torch.sort(exact, dim=1, stable=True)
     idx = torch.gather(cand_idx, 1, order)[:, :k]
     d2 = exact[:, :k]
     n_fixed = 0
     if kc < n - 1:
-        # every non-candidate j has approx d2 >= cand_d2[:, -1], so exact d2 >= cand_d2[:, -1] - err
-        floor = cand_d2[:, -1].to(exact.dtype) - torch.as_tensor(err, device=xc.device).to(exact.dtype)
-        bad = torch.nonzero(d2[:, -1] > floor).flatten()
+        # every non-candidate j has approx d2 >= cand_d2[:, -1], so |xc_i - xc_j|^2 >= cand_d2[:, -1] - err,
+        # and |x_i - x_j|^2 >= centring_floor of that
+        floor = cand_d2[:, -1].to(torch.float64) - torch.as_tensor(err, device=xc.device).to(torch.float64)
+        if centred:
+            if sq is None:
+                sq = torch.linalg.vector_norm(xc, dim=1).square_()
+            nb = norm_bounds(sq.to(xc.device), d)
+            floor = centring_floor(floor, nb, nb.max(), xc.dtype, d)
+        bad = torch.nonzero(d2[:, -1].to(torch.float64) > floor).flatten()
         if bad.numel():
             n_fixed = int(bad.numel())
-            fd, fi = _reference_rows(xc, bad, k)
+            if centred:
+                fd2, fi = _reference_rows(points, bad, k, xc=xc, mean=mean)
+            else:
+                fd2, fi = _reference_rows(xc, bad, k)
             d2 = d2.clone()
-            d2[bad] = (fd * fd).to(d2.dtype)
+            d2[bad] = fd2.to(d2.dtype)
             idx[bad] = fi
     dist = d2.clamp_min(0).sqrt()
     if dist.dtype not in (torch.float32, torch.float64):
@@ -373,8 +595,8 @@ def knn2(
         return knn2_distributed(x, k=k, group=None if group is True else group, backend=backend)
     xt = as_points(x, mask, min_points=k + 1)
     engine = select_backend(xt, backend)
-    xc = centre(xt, _compute_dtype(xt, engine))
-    dist, idx, _ = knn_exact(xc, k, engine, xt.dtype)
+    xc, mean = centre_and_mean(xt, _compute_dtype(xt, engine))
+    dist, idx, _ = knn_exact(xc, k, engine, xt.dtype, points=xt, mean=mean)
     return dist.float(), idx
 
 

@@ -35,7 +35,7 @@ import torch
 
 from ._input import ArrayLike, as_points, check_points, cpu_core
 from .backends import select_backend
-from .knn import _compute_dtype, centre, knn_exact
+from .knn import _compute_dtype, centre_and_mean, knn_exact
 
 ESTIMATORS = ("mle", "linear", "mle_censored")
 
@@ -285,8 +285,9 @@ def twonn(
         if xt.shape[0] < 3:
             raise ValueError(f"only {xt.shape[0]} distinct point(s) among {n_points}; TwoNN needs at least 3")
     engine = select_backend(xt, backend)
-    xc = centre(xt, _compute_dtype(xt, engine), mean=None if n_dup else mean)
-    dist, _, n_fixed = knn_exact(xc, 2, engine, xt.dtype)
+    # the engines search the centred points; distances are re-ranked on the points as given
+    xc, mean = centre_and_mean(xt, _compute_dtype(xt, engine), mean=None if n_dup else mean)
+    dist, _, n_fixed = knn_exact(xc, 2, engine, xt.dtype, points=xt, mean=mean)
     res = id_from_distances(dist, estimator=estimator, discard_fraction=discard_fraction,
                             bootstrap=bootstrap, seed=seed)
     if res["n_zero_r1"] and not dedup:

@@ -51,6 +51,22 @@ def _check_knn(dist_, idx, x, k):
     assert bool((s[:, 1:] != s[:, :-1]).all())
 
 
+def _far_clusters(n, d, dtype, seed):
+    """Two tight clusters (spread 1e-3) 1e4 apart (the mean halfway between)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, d, generator=g, dtype=dtype) * 1e-3
+    x[: n // 2] += 1e4
+    return x
+
+
+def _brute_dist(x):
+    """(N, 2) nearest-neighbour distances of the points as given, by float64 direct differences."""
+    x64 = x.double()
+    d2 = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
+    d2.fill_diagonal_(float("inf"))
+    return torch.sort(d2, dim=1).values[:, :2].sqrt()
+
+
 def _same_result(a, b, rtol=1e-9):
     assert abs(a.id - b.id) <= rtol * abs(b.id), (a.id, b.id)
     assert a.n_points == b.n_points and a.n_duplicates == b.n_duplicates, (a, b)
@@ -66,6 +82,7 @@ def _worker(rank, world, port, outdir, backend):
     try:
         import gelora
         from gelora.distributed import knn2_distributed, twonn_distributed
+        from gelora.twonn import id_from_distances
 
         x = _points()
         cuts = [0, 120, x.shape[0]]
@@ -138,6 +155,44 @@ def _worker(rank, world, port, outdir, backend):
             _same_result(rf, gelora.twonn(far, backend="torch"), rtol=1e-6)
             done.append("float64_fallback")
 
+            # float64 far clusters: rows even the float64 shortcut cannot rank get the brute-force
+            # ring pass; distances are those of the points given, as in one process, bit for bit
+            import gelora.distributed as gd
+            from gelora.knn import direct_sq_dist
+
+            calls = []
+            brute = gd.brute_knn
+            gd.brute_knn = lambda *a, **kw: calls.append(a[0].shape[0]) or brute(*a, **kw)
+            try:
+                # (the uncertified float64 shortcut got mu up to 6e-4 off here)
+                xf = _far_clusters(400, 64, torch.float64, seed=1)
+                xfl = xf[[0, 190, 400][rank]:[0, 190, 400][rank + 1]]
+                rf = twonn_distributed(xfl)
+                ref64 = gelora.twonn(xf, backend="torch")
+                assert torch.equal(rf.mu, ref64.mu) and rf.id == ref64.id, (rf.id, ref64.id)
+                assert torch.equal(rf.mu, id_from_distances(_brute_dist(xf))["mu"])
+                assert rf.n_fixed > 0
+                df, i_f = knn2_distributed(xfl, k=2)
+                dref, _ = gelora.knn2(xf, backend="torch")
+                assert torch.equal(df, dref)
+                kd, _ = gelora.knn_reference(xf, k=2)
+                assert torch.equal(direct_sq_dist(xf, None, i_f).sqrt(), kd)
+                assert bool((i_f != torch.arange(400).unsqueeze(1)).all()) and bool((i_f[:, 0] != i_f[:, 1]).all())
+            finally:
+                gd.brute_knn = brute
+            n_brute = torch.tensor([sum(calls)], dtype=torch.int64)
+            dist.all_reduce(n_brute)
+            assert int(n_brute) > 0, "the far clusters must fail the float64 certification"
+
+            # float32 far clusters: centring into float32 rounds the cluster at 0 (near -5e3 after
+            # centring) onto a ~4.9e-4 grid; the distances are still those of the points given
+            x32 = _far_clusters(200, 16, torch.float32, seed=8)
+            r32 = twonn_distributed(x32[rank * 100:(rank + 1) * 100])
+            keep, _ = gelora.unique_rows(x32)
+            want = id_from_distances(_brute_dist(x32[keep]))
+            torch.testing.assert_close(r32.mu, want["mu"], rtol=1e-5, atol=0.0)
+            done.append("far_exact")
+
             # bad input on one rank raises on every rank (no hang)
             bad = xl.clone()
             if rank == 1:
@@ -167,7 +222,7 @@ def test_sharded_knn_and_twonn_match_one_process(tmp_path):
         pytest.skip("torch.distributed is not available")
     out = _spawn(tmp_path, None)
     expected = ["knn", "twonn", "estimators", "float64", "empty_shard", "group", "mask",
-                "float64_fallback", "bad_input"]
+                "float64_fallback", "far_exact", "bad_input"]
     for r in out:
         assert r["done"] == expected, r["done"]
     assert out[0]["ids"] == out[1]["ids"]  # bit-identical on every rank

@@ -72,34 +72,48 @@ def test_low_precision_inputs(dtype):
     assert_knn_match(x.double(), dist, idx)
 
 
-def test_float64_fallback_of_a_few_rows_is_the_full_copy_bit_for_bit(monkeypatch):
+@pytest.mark.parametrize("mode", ["plain", "mean", "xc"])
+def test_float64_fallback_of_a_few_rows_is_the_full_copy_bit_for_bit(monkeypatch, mode):
     """A few failing rows are recomputed against float64 chunks of the points, not a float64 copy of
     all of them, and give the full copy's answer bit for bit; on an exact tie (a row present three
-    times) the streamed try cannot certify the order and hands back to the full copy."""
+    times) the streamed try cannot certify the order and hands back to the full copy. ``mode``:
+    "plain" already centred points, nothing else; "mean" the points as given with their float64 mean
+    (centred in float64 in both paths); "xc" the points, their float32 centred copy and the mean (what
+    knn_exact passes: the streamed try runs its shortcut on the float32 copy, the full copy centres in
+    float64)."""
     from gelora import knn
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1500, 97, generator=g) * 3 + 40
-    xc = knn.centre(x)
+
+    def args(pts):
+        if mode == "plain":
+            return knn.centre(pts), {}
+        xc, mean = knn.centre_and_mean(pts)
+        return pts, (dict(xc=xc, mean=mean) if mode == "xc" else dict(mean=mean))
+
+    xs, kw = args(x)
     rows = torch.randperm(1500, generator=g)[:9]
     monkeypatch.setattr(knn, "STREAM_CHUNK_ELEMS", 97 * 113)  # 14 chunks, the last one short
     for k in (1, 2, 5):
-        assert knn._reference_rows_streamed(xc, rows, k) is not None
-        got = knn._reference_rows(xc, rows, k)
+        assert knn._reference_rows_streamed(xs, rows, k, **kw) is not None
+        got = knn._reference_rows(xs, rows, k, **kw)
         with monkeypatch.context() as m:
             m.setattr(knn, "STREAM_MAX_ROWS", 0)
-            want = knn._reference_rows(xc, rows, k)
+            want = knn._reference_rows(xs, rows, k, **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        # squared float64 distances of the points given, directly
+        assert torch.equal(got[0], knn.direct_sq_dist(xs, rows, got[1], dtype=torch.float64))
     # rows[:3] appear three times (two neighbours at exactly 0: a tie), rows[3:] twice (no tie)
-    xd = knn.centre(torch.cat([x, x[rows], x[rows[:3]]]))
-    assert knn._reference_rows_streamed(xd, rows[:3], 2) is None
-    assert knn._reference_rows_streamed(xd, rows[3:], 2) is not None
-    d, i = knn._reference_rows(xd, rows, 2)
+    xd, kw = args(torch.cat([x, x[rows], x[rows[:3]]]))
+    assert knn._reference_rows_streamed(xd, rows[:3], 2, **kw) is None
+    assert knn._reference_rows_streamed(xd, rows[3:], 2, **kw) is not None
+    d, i = knn._reference_rows(xd, rows, 2, **kw)
     assert bool((d[:3] == 0).all()) and bool((d[3:, 0] == 0).all())
     assert torch.equal(i[3:, 0], torch.arange(1503, 1509))
     with monkeypatch.context() as m:
         m.setattr(knn, "STREAM_MAX_ROWS", 0)
-        want = knn._reference_rows(xd, rows, 2)
+        want = knn._reference_rows(xd, rows, 2, **kw)
     assert torch.equal(d, want[0]) and torch.equal(i, want[1])
 
 
@@ -113,11 +127,9 @@ def _far_clusters(n=600, d=64, seed=1):
 
 
 def _brute_knn(x, k):
-    """k-NN by direct differences over all pairs in float64 (ties by index)."""
-    from gelora.knn import centre
-
-    xc = centre(x, torch.float64)
-    d2 = ((xc[:, None, :] - xc[None, :, :]) ** 2).sum(-1)
+    """k-NN of the points as given by direct differences over all pairs in float64 (ties by index)."""
+    x64 = x.double()
+    d2 = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
     d2.fill_diagonal_(float("inf"))
     val, idx = torch.sort(d2, dim=1, stable=True)
     return val[:, :k].sqrt(), idx[:, :k]
@@ -138,18 +150,17 @@ def test_reference_exact_where_the_float64_shortcut_cannot_rank(dtype, monkeypat
     dist, idx = gelora.knn_reference(x, 2)
     assert sum(calls) > 0, "the far clusters must fail the float64 certification"
     assert torch.equal(dist, want_d)
-    xc = knn.centre(x, torch.float64)
-    assert torch.equal(knn.direct_sq_dist(xc, None, idx).sqrt(), want_d)
+    assert torch.equal(knn.direct_sq_dist(x.double(), None, idx).sqrt(), want_d)
     assert not bool((idx == torch.arange(x.shape[0]).unsqueeze(1)).any())
     assert bool((idx[:, 0] != idx[:, 1]).all())
-    # a few rows of float32 points (the streamed try first), and the brute force in small blocks
-    xc32 = knn.centre(x)
-    want32, _ = _brute_knn(xc32, 2)
+    # a few rows (for float32 points the streamed try first), and the brute force in small blocks
     rows = torch.arange(0, 600, 37)
     monkeypatch.setattr(knn, "BRUTE_CHUNK_ELEMS", 64 * 37)
-    d, i = knn._reference_rows(xc32, rows, 2)
-    assert torch.equal(d, want32[rows])
-    assert torch.equal(knn.direct_sq_dist(xc32.double(), rows, i).sqrt(), want32[rows])
+    calls.clear()
+    d, i = knn._reference_rows(x, rows, 2, mean=x.double().mean(0))
+    assert sum(calls) > 0
+    assert torch.equal(d.sqrt(), want_d[rows])
+    assert torch.equal(knn.direct_sq_dist(x, rows, i, dtype=torch.float64).sqrt(), want_d[rows])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
@@ -163,6 +174,40 @@ def test_twonn_exact_on_far_clusters(backend):
     res = gelora.twonn(x, backend=backend)
     assert res.n_fixed > 0
     assert torch.equal(res.mu, want["mu"]) and res.id == want["id"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_float32_far_clusters_distances_of_the_points_given(backend):
+    """float32 points, two tight clusters 1e4 apart: centring into float32 puts the cluster at 0 near
+    -5e3, on a ~4.9e-4 grid, comparable to its neighbour distances (~5e-3), so distances of the
+    centred points are off by up to ~20% (mu up to 0.027 off). The engines search the centred points,
+    but the re-rank and the float64 recomputation use the points as given and the certification
+    accounts for the centring's rounding: the ratios are those of the brute-force float64 distances of
+    the points to float32 accuracy, and the neighbours are at the brute-force distances."""
+    from gelora import knn
+    from gelora.twonn import id_from_distances
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(600, 16, generator=g) * 1e-3
+    x[:300] += 1e4
+    keep, _ = gelora.unique_rows(x)  # the +1e4 cluster lies on float32's 2^-10 grid: dedup as twonn does
+    want = id_from_distances(_brute_knn(x[keep], 2)[0])
+    res = gelora.twonn(x, backend=backend)
+    assert res.n_points == 600 and res.n_duplicates == 600 - keep.numel()
+    assert res.n_fixed > 0
+    torch.testing.assert_close(res.mu, want["mu"], rtol=1e-5, atol=0.0)
+    assert res.id == pytest.approx(want["id"], rel=1e-5)
+    # the distances of the centred float32 points are not those (what the pipeline used to return)
+    xu = x[keep]
+    xc = knn.centre(xu)
+    wrong = id_from_distances(_brute_knn(xc, 2)[0])
+    assert float((wrong["mu"] - want["mu"]).abs().max()) > 1e-3
+    # knn2: distances of the points given, indices at those distances
+    dist, idx = gelora.knn2(xu, backend=backend)
+    want_d, _ = _brute_knn(xu, 2)
+    torch.testing.assert_close(dist.double(), want_d, rtol=1e-6, atol=0.0)
+    at = knn.direct_sq_dist(xu, None, idx, dtype=torch.float64).sqrt()
+    torch.testing.assert_close(at, want_d, rtol=1e-6, atol=0.0)
 
 
 def test_smallest_by_index_is_the_stable_sort():
@@ -196,6 +241,13 @@ def test_direct_sq_dist_against_separate_keys():
                        direct_sq_dist(q, None, cand, keys))
     both = torch.cat([q, keys])
     assert torch.equal(direct_sq_dist(both, torch.arange(70), cand + 70), direct_sq_dist(q, None, cand, keys))
+    # narrower points converted exactly a chunk at a time: the values of a converted copy
+    for src, dt in ((torch.float32, torch.float64), (torch.float16, None), (torch.bfloat16, torch.float32)):
+        qs, ks = q.to(src), keys.to(src)
+        wide = dt or torch.float32
+        got = direct_sq_dist(qs, None, cand, ks, dtype=dt, chunk_elems=33 * 4 * 5)
+        assert got.dtype == wide
+        assert torch.equal(got, direct_sq_dist(qs.to(wide), None, cand, ks.to(wide)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
@@ -238,7 +290,8 @@ def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedu
         assert n_dup == dups
         xt = xt[keep]
     engine = gelora.backends.select_backend(xt, None)
-    dist, _, _ = knn.knn_exact(knn.centre(xt, knn._compute_dtype(xt, engine)), 2, engine, xt.dtype)
+    xc, mean = knn.centre_and_mean(xt, knn._compute_dtype(xt, engine))
+    dist, _, _ = knn.knn_exact(xc, 2, engine, xt.dtype, points=xt, mean=mean)
     want = id_from_distances(dist)
     calls = []
     prep = core.prepare_points

@@ -49,21 +49,28 @@ class CppBackend(KnnBackend):
     def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
         """See :meth:`gelora.backends.KnnBackend.search`. ``x`` (N, D) float32/float64 on the CPU; other
         float dtypes are computed in float32. Uses ``torch.get_num_threads()`` threads."""
+        return self.search_with_norms(x, kc, src_dtype=src_dtype)[:3]
+
+    def search_with_norms(self, x: torch.Tensor, kc: int, *, src_dtype=None):
+        """:meth:`search` and the (N,) squared norms of the rows of ``x`` that the core computed for
+        it (sums of squares in the dtype of ``x``), which :func:`gelora.knn.knn_exact` needs for the
+        centring term of its certification: no second pass over the points."""
         work = x.detach()
         if work.dtype not in (torch.float32, torch.float64):
             work = work.float()
         arr = work.contiguous().numpy()
         d2, idx, sq, _ = _core().knn_candidates(arr, int(kc), n_threads=torch.get_num_threads())
-        err = gemm_error_bound(torch.from_numpy(sq), arr.shape[1], work.dtype)
-        return torch.from_numpy(d2), torch.from_numpy(idx), err
-
+        sq = torch.from_numpy(sq)
+        err = gemm_error_bound(sq, arr.shape[1], work.dtype)
+        return torch.from_numpy(d2), torch.from_numpy(idx), err, sq
 
     def rerank(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """Direct squared distances ``sum((x[i] - x[cand[i, j]])^2)`` in the dtype of ``x`` (no norm
         shortcut: equal rows give exactly 0), computed by the C++ core.
 
         Args:
-            x: (N, D) float32/float64 CPU tensor (the centred points given to :meth:`search`).
+            x: (N, D) float32/float64 CPU tensor: the points the candidates were searched for (the
+                pipeline passes the user's points, not their centred copy given to :meth:`search`).
             cand: (N, C) int64 indices into ``x``.
 
         Returns:

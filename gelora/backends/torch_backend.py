@@ -94,10 +94,16 @@ class TorchBackend(KnnBackend):
         return []
 
     def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
+        return self.search_with_norms(x, kc, src_dtype=src_dtype)[:3]
+
+    def search_with_norms(self, x: torch.Tensor, kc: int, *, src_dtype=None):
+        """:meth:`search` and the (N,) squared norms of the rows (sums of squares in the work dtype)
+        that its error bound used, for the centring term of :func:`gelora.knn.knn_exact`."""
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         d2, idx = blocked_topk_sq(work, kc)
-        err = gemm_error_bound((work * work).sum(dim=1), work.shape[1], work.dtype)
-        return d2.float() if d2.dtype != torch.float64 else d2, idx, err
+        sq = (work * work).sum(dim=1)
+        err = gemm_error_bound(sq, work.shape[1], work.dtype)
+        return d2.float() if d2.dtype != torch.float64 else d2, idx, err, sq
 
 
 register(TorchBackend())
