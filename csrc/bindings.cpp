@@ -326,6 +326,47 @@ py::tuple lora_grad(const py::array& x, const py::array& dy, const py::array& a,
   return py::make_tuple(da, db, t_obj, info);
 }
 
+py::tuple lora_shrink(const py::array& x, const py::array& a, const py::array& scale, int n_threads,
+                      const std::string& isa) {
+  check_f32_matrix(x, "x", "(m, k) input");
+  check_f32_matrix(a, "a", "(r, k) lora_A");
+  require_ndim(scale, 1, "scale", "(r,) per-rank scale");
+  if (!py::isinstance<py::array_t<float>>(scale))
+    throw py::type_error("scale: dtype must be float32, got " + dtype_str(scale));
+  require_c_contiguous(scale, "scale");
+  const int64_t m = x.shape(0), k = x.shape(1), r = a.shape(0);
+  if (k < 1) throw py::value_error("x needs at least one column, got " + shape_str(x));
+  if (r < 1) throw py::value_error("a: LoRA rank must be >= 1, got shape " + shape_str(a));
+  if (a.shape(1) != k)
+    throw py::value_error("a: shape " + shape_str(a) + " does not match (r, k) with k = " + std::to_string(k));
+  if (scale.shape(0) != r)
+    throw py::value_error("scale: shape " + shape_str(scale) + " does not match the rank r = " + std::to_string(r));
+  const float* sp = static_cast<const float*>(scale.data());
+  for (int64_t j = 0; j < r; ++j)
+    if (!std::isfinite(sp[j])) throw py::value_error("scale must be finite");
+  if (n_threads < 0) throw py::value_error("n_threads must be >= 0 (0: OpenMP default)");
+  py::array_t<float> out({m, r});
+  gelora::LoraShrinkArgs args;
+  args.x = static_cast<const float*>(x.data());
+  args.a = static_cast<const float*>(a.data());
+  args.scale = sp;
+  args.m = m;
+  args.k = k;
+  args.r = r;
+  args.out = out.mutable_data();
+  args.n_threads = n_threads;
+  gelora::LoraGradPlan plan;
+  {
+    py::gil_scoped_release release;
+    plan = gelora::lora_shrink(args, isa);
+  }
+  py::dict info;
+  info["isa"] = plan.isa;
+  info["threads"] = plan.threads;
+  info["rank_pad"] = plan.rank_pad;
+  return py::make_tuple(out, info);
+}
+
 py::dict info() {
   py::dict d;
   d["isas"] = gelora::available_isas();
@@ -441,6 +482,21 @@ Returns:
 Raises:
     TypeError: a dtype other than float32. ValueError: wrong ndim, non-contiguous operand, mismatched
     shapes, rank 0, non-finite scaling, an unknown isa.
+)doc");
+  m.def("lora_shrink", &lora_shrink, py::arg("x"), py::arg("a"), py::arg("scale"), py::kw_only(),
+        py::arg("n_threads") = 0, py::arg("isa") = "auto",
+        R"doc(The LoRA shrink S[:, j] = scale[j] * (x a^T)[:, j] (the forward of an unmerged LoRA layer).
+
+Args:
+    x: (m, k) float32 C-contiguous. a: (r, k) float32 (lora_A, or the concatenated A of a group).
+    scale: (r,) float32 per-rank scale. n_threads: 0 = automatic. isa: as for lora_grad.
+
+Returns:
+    (S, plan): S (m, r) float32; plan a dict (isa, threads, rank_pad).
+
+Raises:
+    TypeError: a dtype other than float32. ValueError: wrong ndim, non-contiguous operand, mismatched
+    shapes, rank 0, non-finite scale, an unknown isa.
 )doc");
   m.def("info", &info, "Kernels this build carries and this CPU runs (best first), OpenMP, tile shapes.");
 }

@@ -44,16 +44,38 @@ struct LoraGradPlan {
   int64_t rank_pad = 0;  // r rounded up to the vector width
 };
 
+// The shrink S = x (diag(scale) A)^T alone (the forward of a LoRA layer that is not merged): the rows
+// tiles above, a BLAS sgemm with n = r columns runs at ~10 % of its peak (0.32 ms at m = 512,
+// k = 1024, r = 4 on 2 Zen 4 cores).
+struct LoraShrinkArgs {
+  const float* x;      // (m, k)
+  const float* a;      // (r, k)
+  const float* scale;  // (r,) per-rank scale s_j (a grouped layer's blocks have their own s)
+  int64_t m, k, r;
+  float* out;          // (m, r)
+  int n_threads;
+};
+
 // Runs the kernel for `isa` ("auto", "avx512", "avx2", "generic"); throws std::invalid_argument for an
 // ISA this build or CPU lacks.
 LoraGradPlan lora_grad(const LoraGradArgs& args, const std::string& isa = "auto");
+LoraGradPlan lora_shrink(const LoraShrinkArgs& args, const std::string& isa = "auto");
 
-namespace generic { LoraGradPlan lora_grad(const LoraGradArgs& args); }
+namespace generic {
+LoraGradPlan lora_grad(const LoraGradArgs& args);
+LoraGradPlan lora_shrink(const LoraShrinkArgs& args);
+}
 #ifdef GELORA_HAVE_AVX2
-namespace avx2 { LoraGradPlan lora_grad(const LoraGradArgs& args); }
+namespace avx2 {
+LoraGradPlan lora_grad(const LoraGradArgs& args);
+LoraGradPlan lora_shrink(const LoraShrinkArgs& args);
+}
 #endif
 #ifdef GELORA_HAVE_AVX512
-namespace avx512 { LoraGradPlan lora_grad(const LoraGradArgs& args); }
+namespace avx512 {
+LoraGradPlan lora_grad(const LoraGradArgs& args);
+LoraGradPlan lora_shrink(const LoraShrinkArgs& args);
+}
 #endif
 
 }  // namespace gelora

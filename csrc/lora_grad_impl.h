@@ -251,5 +251,48 @@ LoraGradPlan lora_grad(const LoraGradArgs& g) {
   return plan;
 }
 
+LoraGradPlan lora_shrink(const LoraShrinkArgs& g) {
+  const int64_t m = g.m, k = g.k, r = g.r;
+  const int64_t rp = (r + W - 1) / W * W;
+  std::vector<float> at(static_cast<size_t>(k * rp), 0.f);
+  for (int64_t j = 0; j < r; ++j)
+    for (int64_t q = 0; q < k; ++q) at[q * rp + j] = g.scale[j] * g.a[j * k + q];
+  const int64_t mb = 64;
+  const int64_t nblocks = m > 0 ? (m + mb - 1) / mb : 0;
+  int64_t nt = 1;
+#ifdef _OPENMP
+  nt = g.n_threads > 0 ? g.n_threads : omp_get_max_threads();
+  if (g.n_threads <= 0)  // a thread per ~4 MFLOP at least (see lora_grad)
+    nt = std::min<int64_t>(nt, static_cast<int64_t>(2.0 * m * k * rp / 4e6) + 1);
+#endif
+  nt = std::max<int64_t>(1, std::min<int64_t>(nt, nblocks));
+  const int nthreads = static_cast<int>(nt);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(nthreads)
+#endif
+  {
+    std::vector<float> buf(static_cast<size_t>(rp == r ? 0 : mb * rp));
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+    for (int64_t blk = 0; blk < nblocks; ++blk) {
+      const int64_t i0 = blk * mb, cur = std::min(mb, m - i0);
+      if (rp == r) {  // no padding: straight into the output
+        rows(g.x + i0 * k, k, cur, k, at.data(), rp, g.out + i0 * r);
+      } else {
+        rows(g.x + i0 * k, k, cur, k, at.data(), rp, buf.data());
+        for (int64_t i = 0; i < cur; ++i)
+          std::memcpy(g.out + (i0 + i) * r, buf.data() + i * rp, sizeof(float) * r);
+      }
+    }
+  }
+  LoraGradPlan plan;
+  plan.isa = GELORA_STR(GELORA_ISA);
+  plan.threads = nthreads;
+  plan.block_rows = mb;
+  plan.rank_pad = rp;
+  return plan;
+}
+
 }  // namespace GELORA_ISA
 }  // namespace gelora

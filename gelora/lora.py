@@ -178,6 +178,11 @@ class TorchLoraBackend(LoraBackend):
     # M=2048, K=N=1024, r=16, 2 threads): x @ (A^T contiguous) 0.65 ms vs x @ A.t() 0.87 ms;
     # T^T contiguous @ x 0.93 vs 1.34 ms; S^T contiguous @ dY 0.89 vs 1.30 ms (dA, dB in _backward).
     def shrink(self, x, a_cat, ranks, scalings):
+        kernel = _cpu_lora_kernel(x, "lora_shrink")
+        if kernel is not None:  # rank-r register tiles: BLAS runs a (M, K) x (K, r) GEMM far below peak
+            scale = _scale_column(ranks, scalings, x.device, torch.float32)
+            return torch.from_numpy(kernel(x.detach().numpy(), a_cat.detach().contiguous().numpy(),
+                                           scale.numpy())[0])
         # s_g A_g formed in fp32 (fp64 for fp64) and rounded once: a bf16 copy of s would bias the term
         if len(ranks) == 1:  # a Python scalar multiplies in the wide type already
             a_s = a_cat * float(scalings[0])
@@ -255,15 +260,19 @@ class TorchLoraBackend(LoraBackend):
         return t_cat, d_as, d_bs
 
 
-def _cpu_lora_grad(x: torch.Tensor):
-    """``gelora._C.lora_grad`` (S, T, dA, dB in one pass over x and dY, see csrc/lora_grad.h) when it
-    can run on ``x``: a float32 CPU tensor, the extension built, and ``GELORA_LORA_CPU_KERNEL`` not 0."""
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        return None
+def _cpu_lora_kernel(x: torch.Tensor, name: str):
+    """``gelora._C.<name>`` (``lora_grad``: S, T, dA, dB in one pass over x and dY; ``lora_shrink``: S;
+    see csrc/lora_grad.h) when it can run on ``x``: a float32 CPU tensor, the extension built, and
+    ``GELORA_LORA_CPU_KERNEL`` not 0."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
+        return None  # (a row-strided x, e.g. a column slice, takes the BLAS calls that accept it)
     if os.environ.get("GELORA_LORA_CPU_KERNEL", "1") == "0":
         return None
-    core = cpu_core(x)
-    return getattr(core, "lora_grad", None)
+    return getattr(cpu_core(x), name, None)
+
+
+def _cpu_lora_grad(x: torch.Tensor):
+    return _cpu_lora_kernel(x, "lora_grad")
 
 
 class TritonLoraBackend(LoraBackend):

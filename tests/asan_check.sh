@@ -115,7 +115,10 @@ for isa in info["isas"]:
             S = 0.5 * x.astype(np.float64) @ a.T
             assert np.allclose(db, dy.T @ S, rtol=1e-4, atol=1e-4 * np.abs(dy.T @ S).max())
             C.lora_grad(x, dy, a, b, 0.5, isa=isa, **kw)
-            n_runs += 2
+            s, _ = C.lora_shrink(x, a, np.full(r, 0.5, np.float32), isa=isa,
+                                 n_threads=kw.get("n_threads", 0))
+            assert np.allclose(s, S, rtol=1e-4, atol=1e-4 * np.abs(S).max())
+            n_runs += 3
 print(f"{n_runs} core runs clean under AddressSanitizer")
 
 # the backend and the whole pipeline on top of the instrumented core

@@ -85,6 +85,23 @@ def test_t_is_optional_and_zero_inputs_give_zero():
     assert np.array_equal(db0, np.zeros_like(db0))
 
 
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m,k,r", [(1, 1, 1), (37, 19, 3), (130, 100, 17), (64, 33, 256), (300, 64, 16)])
+def test_shrink_matches_float64(isa, m, k, r):
+    g = np.random.default_rng(m + k + r)
+    x = g.standard_normal((m, k)).astype(np.float32)
+    a = g.standard_normal((r, k)).astype(np.float32)
+    scale = (g.random(r) + 0.5).astype(np.float32)
+    s, plan = C.lora_shrink(x, a, scale, isa=isa)
+    assert plan["isa"] == isa and s.shape == (m, r)
+    sa = scale.astype(np.float64)[:, None] * a
+    ref = x.astype(np.float64) @ sa.T
+    bound = 8 * np.sqrt(k) * EPS32 * (np.abs(x).astype(np.float64) @ np.abs(sa).T) + 1e-30
+    assert np.all(np.abs(s - ref) <= bound)
+    with pytest.raises(ValueError, match="scale"):
+        C.lora_shrink(x, a, scale[:-1] if r > 1 else np.ones(2, np.float32))
+
+
 def test_bad_input():
     x, dy, a, b = make(8, 6, 5, 2, seed=3)
     with pytest.raises(TypeError, match="float32"):

@@ -320,6 +320,21 @@ def test_cpu_paths_against_reference(merge, kernel, recompute, monkeypatch):
     assert calls["kernel"] == (1 if kernel == "1" and _has_kernel() else 0), calls
 
 
+def test_row_strided_input_takes_blas(monkeypatch):
+    """x with a row stride above K (a column slice of a wider tensor) cannot go to the C++ kernels,
+    which need C-contiguous rows: the layer still runs, on BLAS, with the same result."""
+    monkeypatch.setenv("GELORA_LORA_MERGE", "never")
+    g = torch.Generator().manual_seed(13)
+    wide = torch.randn(40, 90, generator=g)
+    x = wide[:, :59]
+    assert not x.is_contiguous() and x.stride(-1) == 1
+    w, a, bb = torch.randn(33, 59, generator=g), torch.randn(5, 59, generator=g), torch.randn(33, 5, generator=g)
+    y = L.lora_linear(x, w, None, a, bb, 0.5, backend="torch")
+    y_c = L.lora_linear(x.contiguous(), w, None, a, bb, 0.5, backend="torch")
+    ref = L.lora_linear_reference(x.double(), w.double(), None, a.double(), bb.double(), 0.5)
+    assert_as_good(y, y_c, ref, "row-strided y", 59)
+
+
 @pytest.mark.parametrize("kernel", ["0", "1"])
 @pytest.mark.parametrize("merge", ["never", "always"])
 def test_cpu_paths_grouped(merge, kernel, monkeypatch):
