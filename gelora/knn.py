@@ -522,7 +522,7 @@ def knn_exact(
         points = xc
     kc = min(n - 1, k + getattr(engine, "extra_candidates", EXTRA_CANDIDATES))
     sq = None
-    with_norms = getattr(engine, "search_with_norms", None) if centred else None
+    with_norms = getattr(engine, "search_with_norms", None) if centred else None  # (KnnBackend has it)
     if with_norms is not None:
         cand_d2, cand_idx, err, sq = with_norms(xc, kc, src_dtype=src_dtype)
     else:

@@ -93,6 +93,14 @@ class KnnBackend:
         """
         raise NotImplementedError
 
+    def search_with_norms(
+        self, x: torch.Tensor, kc: int, *, src_dtype: Optional[torch.dtype] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`search` plus the (N,) squared row norms of ``x`` when the engine computed them on its
+        way (None otherwise, and the pipeline computes them): they enter the centring term of the
+        certification (:func:`gelora.knn.centring_floor`), so an engine that has them saves a pass."""
+        return (*self.search(x, kc, src_dtype=src_dtype), None)
+
 
 _REGISTRY: Dict[str, KnnBackend] = {}
 
