@@ -270,6 +270,22 @@ void check_f32_matrix(const py::array& a, const char* name, const char* what) {
   require_c_contiguous(a, name);
 }
 
+// lora_A of a layer whose input has k features: (r, k) with r >= 1.
+void check_lora_a(const py::array& a, int64_t k) {
+  if (a.shape(0) < 1) throw py::value_error("a: LoRA rank must be >= 1, got shape " + shape_str(a));
+  if (a.shape(1) != k)
+    throw py::value_error("a: shape " + shape_str(a) + " does not match (r, k) with k = " + std::to_string(k));
+}
+
+py::dict lora_plan_info(const gelora::LoraGradPlan& plan) {
+  py::dict info;
+  info["isa"] = plan.isa;
+  info["threads"] = plan.threads;
+  info["block_rows"] = plan.block_rows;
+  info["rank_pad"] = plan.rank_pad;
+  return info;
+}
+
 py::tuple lora_grad(const py::array& x, const py::array& dy, const py::array& a, const py::array& b, double scaling,
                     bool want_t, int n_threads, const std::string& isa, int64_t block_rows) {
   check_f32_matrix(x, "x", "(m, k) input");
@@ -281,9 +297,7 @@ py::tuple lora_grad(const py::array& x, const py::array& dy, const py::array& a,
     throw py::value_error("dy: shape " + shape_str(dy) + " has " + std::to_string(dy.shape(0)) + " rows but x " +
                           shape_str(x) + " has " + std::to_string(m));
   if (k < 1 || n < 1) throw py::value_error("x and dy need at least one column, got " + shape_str(x) + " and " + shape_str(dy));
-  if (r < 1) throw py::value_error("a: LoRA rank must be >= 1, got shape " + shape_str(a));
-  if (a.shape(1) != k)
-    throw py::value_error("a: shape " + shape_str(a) + " does not match (r, k) with k = " + std::to_string(k));
+  check_lora_a(a, k);
   if (b.shape(0) != n || b.shape(1) != r)
     throw py::value_error("b: shape " + shape_str(b) + " does not match (n, r) = (" + std::to_string(n) + ", " +
                           std::to_string(r) + ")");
@@ -318,12 +332,7 @@ py::tuple lora_grad(const py::array& x, const py::array& dy, const py::array& a,
     py::gil_scoped_release release;
     plan = gelora::lora_grad(args, isa);
   }
-  py::dict info;
-  info["isa"] = plan.isa;
-  info["threads"] = plan.threads;
-  info["block_rows"] = plan.block_rows;
-  info["rank_pad"] = plan.rank_pad;
-  return py::make_tuple(da, db, t_obj, info);
+  return py::make_tuple(da, db, t_obj, lora_plan_info(plan));
 }
 
 py::tuple lora_shrink(const py::array& x, const py::array& a, const py::array& scale, int n_threads,
@@ -336,9 +345,7 @@ py::tuple lora_shrink(const py::array& x, const py::array& a, const py::array& s
   require_c_contiguous(scale, "scale");
   const int64_t m = x.shape(0), k = x.shape(1), r = a.shape(0);
   if (k < 1) throw py::value_error("x needs at least one column, got " + shape_str(x));
-  if (r < 1) throw py::value_error("a: LoRA rank must be >= 1, got shape " + shape_str(a));
-  if (a.shape(1) != k)
-    throw py::value_error("a: shape " + shape_str(a) + " does not match (r, k) with k = " + std::to_string(k));
+  check_lora_a(a, k);
   if (scale.shape(0) != r)
     throw py::value_error("scale: shape " + shape_str(scale) + " does not match the rank r = " + std::to_string(r));
   const float* sp = static_cast<const float*>(scale.data());
@@ -360,11 +367,7 @@ py::tuple lora_shrink(const py::array& x, const py::array& a, const py::array& s
     py::gil_scoped_release release;
     plan = gelora::lora_shrink(args, isa);
   }
-  py::dict info;
-  info["isa"] = plan.isa;
-  info["threads"] = plan.threads;
-  info["rank_pad"] = plan.rank_pad;
-  return py::make_tuple(out, info);
+  return py::make_tuple(out, lora_plan_info(plan));
 }
 
 py::dict info() {
@@ -492,7 +495,7 @@ Args:
     scale: (r,) float32 per-rank scale. n_threads: 0 = automatic. isa: as for lora_grad.
 
 Returns:
-    (S, plan): S (m, r) float32; plan a dict (isa, threads, rank_pad).
+    (S, plan): S (m, r) float32; plan a dict (isa, threads, block_rows, rank_pad).
 
 Raises:
     TypeError: a dtype other than float32. ValueError: wrong ndim, non-contiguous operand, mismatched

@@ -1,24 +1,9 @@
 #include "lora_grad.h"
 
-#include <stdexcept>
 
-#include "tile_kernel.h"  // available_isas()
+#include "tile_kernel.h"  // resolve_isa()
 
 namespace gelora {
-
-namespace {
-
-std::string resolve_isa(const std::string& isa) {
-  const std::vector<std::string> have = available_isas();
-  if (isa == "auto") return have.front();
-  for (const auto& h : have)
-    if (h == isa) return h;
-  std::string msg = "isa '" + isa + "' is not available in this build on this CPU; choose one of: auto";
-  for (const auto& h : have) msg += ", " + h;
-  throw std::invalid_argument(msg);
-}
-
-}  // namespace
 
 LoraGradPlan lora_grad(const LoraGradArgs& args, const std::string& isa) {
   const std::string pick = resolve_isa(isa);

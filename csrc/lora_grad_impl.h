@@ -17,38 +17,20 @@
 #include <cstring>
 #include <vector>
 
-#if GELORA_VBYTES > 16
-#include <immintrin.h>
-#endif
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
 #include "lora_grad.h"
-
-#ifndef GELORA_ISA
-#error "define GELORA_ISA (generic, avx2 or avx512) before including lora_grad_impl.h"
-#endif
-#if !defined(GELORA_VBYTES) || (GELORA_VBYTES != 16 && GELORA_VBYTES != 32 && GELORA_VBYTES != 64)
-#error "define GELORA_VBYTES (16, 32 or 64) before including lora_grad_impl.h"
-#endif
-#if GELORA_VBYTES == 32 && !(defined(__AVX2__) && defined(__FMA__))
-#error "the 32-byte kernel needs -mavx2 -mfma"
-#endif
-#if GELORA_VBYTES == 64 && !defined(__AVX512F__)
-#error "the 64-byte kernel needs -mavx512f"
-#endif
-
-#define GELORA_STR2(s) #s
-#define GELORA_STR(s) GELORA_STR2(s)
+#include "simd_impl.h"
 
 namespace gelora {
 namespace GELORA_ISA {
 namespace {
 
-typedef float V __attribute__((vector_size(GELORA_VBYTES)));
-typedef float VU __attribute__((vector_size(GELORA_VBYTES), aligned(4)));
-constexpr int W = GELORA_VBYTES / 4;      // lanes
+typedef Simd<float>::V V;
+typedef Simd<float>::VU VU;
+constexpr int W = Simd<float>::W;        // lanes
 constexpr int RB = 8;                     // tokens per rows tile
 constexpr int JB = GELORA_VBYTES == 64 ? 8 : 4;  // ranks per cols tile (32 vs 16 vector registers)
 constexpr int NV = 3;                     // feature vectors per cols tile
@@ -61,26 +43,8 @@ constexpr int64_t KCHUNK = 128;
 
 inline V load(const float* p) { return *reinterpret_cast<const VU*>(p); }
 inline void store(float* p, V v) { *reinterpret_cast<VU*>(p) = v; }
-inline V set1(float s) {
-#if GELORA_VBYTES == 64
-  return (V)_mm512_set1_ps(s);
-#elif GELORA_VBYTES == 32
-  return (V)_mm256_set1_ps(s);
-#else
-  V v;
-  for (int l = 0; l < W; ++l) v[l] = s;
-  return v;
-#endif
-}
-inline V fma(V a, V b, V c) {
-#if GELORA_VBYTES == 64
-  return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif GELORA_VBYTES == 32
-  return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
-#else
-  return a * b + c;
-#endif
-}
+inline V set1(float s) { return Simd<float>::set1(s); }
+inline V fma(V a, V b, V c) { return Simd<float>::fma(a, b, c); }
 
 // out (mb, rp) = X (mb rows of stride ldx, kk features) @ P (kk, rp); rp a multiple of W.
 void rows(const float* X, int64_t ldx, int64_t mb, int64_t kk, const float* P, int64_t rp, float* out) {

@@ -18,9 +18,7 @@ std::vector<std::string> available_isas() {
   return out;
 }
 
-namespace {
-
-std::string resolve(const std::string& isa) {
+std::string resolve_isa(const std::string& isa) {
   const std::vector<std::string> have = available_isas();
   if (isa == "auto") return have.front();
   for (const auto& h : have)
@@ -29,6 +27,8 @@ std::string resolve(const std::string& isa) {
   for (const auto& h : have) msg += ", " + h;
   throw std::invalid_argument(msg);
 }
+
+namespace {
 
 template <typename T>
 const TileKernel<T>& pick(const std::string& isa, const TileKernel<T>& g
@@ -39,7 +39,7 @@ const TileKernel<T>& pick(const std::string& isa, const TileKernel<T>& g
                           , const TileKernel<T>& a5
 #endif
 ) {
-  const std::string r = resolve(isa);
+  const std::string r = resolve_isa(isa);
 #ifdef GELORA_HAVE_AVX512
   if (r == "avx512") return a5;
 #endif

@@ -52,6 +52,9 @@ struct TileKernel {
 
 // The kernels this build carries and this CPU can run, best first.
 std::vector<std::string> available_isas();
+// The name `isa` stands for ("auto" = the best available); throws std::invalid_argument for an unknown
+// or unsupported name. Shared by every kernel family compiled per instruction set.
+std::string resolve_isa(const std::string& isa);
 // The kernel for `isa` ("auto" = the best available). Throws std::invalid_argument for an unknown or
 // unsupported name.
 const TileKernel<float>& tile_kernel_f32(const std::string& isa);
