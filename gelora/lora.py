@@ -57,32 +57,8 @@ from torch import nn
 
 from ._input import cpu_core
 from .backends import BackendUnavailable
+from .kernels import lora as _klora  # gelora/kernels links to the top-level kernels/ folder
 
-
-def _import_kernels():
-    """``gelora.kernels.lora``: installed, ``kernels/`` is mapped to ``gelora.kernels`` (setup.py
-    ``package_dir``); from a source checkout that is only on ``sys.path``, load ``kernels/`` beside
-    this package under the same name."""
-    import importlib
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    try:
-        return importlib.import_module(f"{__package__}.kernels.lora")
-    except ModuleNotFoundError:
-        src = Path(__file__).resolve().parent.parent / "kernels"
-        if not (src / "lora.py").exists():
-            raise
-        spec = importlib.util.spec_from_file_location(f"{__package__}.kernels", src / "__init__.py",
-                                                      submodule_search_locations=[str(src)])
-        pkg = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = pkg
-        spec.loader.exec_module(pkg)
-        return importlib.import_module(f"{__package__}.kernels.lora")
-
-
-_klora = _import_kernels()
 lora_linear_reference = _klora.lora_linear_reference
 lora_grouped_reference = _klora.lora_grouped_reference
 

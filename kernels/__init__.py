@@ -1,1 +1,0 @@
-"""Triton kernels of gelora, shipped as ``gelora.kernels`` (one operation per file)."""
