@@ -38,8 +38,10 @@ import torch
 import torch.distributed as dist
 
 from ._input import ArrayLike, as_points, to_tensor
-from .backends import select_backend
-from .knn import EXTRA_CANDIDATES, brute_knn, centring_floor, direct_sq_dist, float64_floor, norm_bounds
+from .backends import error_rows, select_backend
+from .backends.torch_backend import gemm_error_model
+from .knn import (EXTRA_CANDIDATES, brute_knn, centring_floor, competitor_radius, direct_sq_dist, float64_floor,
+                  norm_bounds)
 from .twonn import TwoNNResult, _check_estimator, id_from_distances, unique_rows
 
 __all__ = ["knn2_distributed", "twonn_distributed"]
@@ -199,10 +201,8 @@ class _TorchCross:
             d, i = torch.topk(tile, kc, dim=1, largest=False, sorted=True)
             out_d[s:e] = d
             out_i[s:e] = i
-        # the probabilistic fp32/fp64 GEMM bound of gelora.backends.torch_backend.gemm_error_bound
-        u = torch.finfo(q.dtype).eps / 2
-        err = 8.0 * math.sqrt(q.shape[1] + 2) * u * (self.sq + sk.max()) * 2.0
-        return out_d, out_i, err
+        # the probabilistic fp32/fp64 GEMM bound, per pair (evaluated at each row's window)
+        return out_d, out_i, gemm_error_model(self.sq, q.shape[1], q.dtype)
 
 
 class _TritonCross:
@@ -281,10 +281,11 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     inf = float("inf")
     best_d = torch.full((n, k), inf, dtype=cdt, device=xc.device)
     best_i = torch.full((n, k), -1, dtype=torch.int64, device=xc.device)
-    floor = torch.full((n,), inf, dtype=torch.float64, device=xc.device)
+    # per shard with non-candidates: (kc-th approximate distances, error bound, largest key norm)
+    shards = []
 
     def visit(owner: int, keys: torch.Tensor) -> None:
-        nonlocal best_d, best_i, floor
+        nonlocal best_d, best_i
         if n == 0 or keys.shape[0] == 0:
             return
         k_off = offsets[owner]
@@ -301,15 +302,26 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
         exact = torch.where(i_loc >= 0, exact, torch.full_like(exact, inf))
         gidx = torch.where(i_loc >= 0, i_loc + k_off, i_loc)
         best_d, best_i = _merge(best_d, best_i, exact, gidx, k)
-        if kcs < avail:  # some keys of this shard are not candidates: bound them from below
-            f = d_apx[:, -1].to(torch.float64) - torch.as_tensor(err, device=xc.device).to(torch.float64)
+        if kcs < avail:  # some keys of this shard are not candidates: bound them from below at the end
             k_norm = norm_bounds(torch.linalg.vector_norm(keys_c, dim=1).square_(), d).max()
-            floor = torch.minimum(floor, centring_floor(f, q_norm, k_norm, cdt, d))
+            shards.append((d_apx[:, -1].to(torch.float64), err, k_norm))
 
     _ring(g, xt, sizes, visit)
 
-    bad = torch.nonzero(best_d[:, -1].to(torch.float64) > floor).flatten() if n else \
-        torch.empty(0, dtype=torch.int64, device=xc.device)
+    if n:
+        # the certification of gelora.knn._uncertified, per shard: a key beyond the row's window
+        # (competitor_radius) cannot undercut its k-th distance, every other key's error is bounded at
+        # the window, so a few outlier rows on any rank do not loosen the other rows' bounds
+        kth = best_d[:, -1].to(torch.float64)
+        win = competitor_radius(q_norm, kth, d, cdt)
+        floor = torch.full((n,), inf, dtype=torch.float64, device=xc.device)
+        for cand_last, err, k_norm in shards:
+            w = torch.minimum(win, k_norm)
+            f = cand_last - error_rows(err, w, device=xc.device)
+            floor = torch.minimum(floor, centring_floor(f, q_norm, w, cdt, d))
+        bad = torch.nonzero(~(kth <= floor)).flatten()
+    else:
+        bad = torch.empty(0, dtype=torch.int64, device=xc.device)
     n_bad = int(g.all_reduce(torch.tensor([bad.numel()], dtype=torch.int64)))
     if n_bad:
         fd, fi = _float64_rows(g, xt, mean, bad, sizes, offsets, k)

@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._input import ArrayLike, as_points, cpu_core
-from .backends import KnnBackend, select_backend
+from .backends import KnnBackend, error_rows, select_backend
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
 EXTRA_CANDIDATES = 2
@@ -228,7 +228,8 @@ def centring_floor(
     Args:
         floor_c: (M,) the bounds ``F`` (any float dtype; negative and NaN count as 0).
         norms: (M,) upper bounds on ``|xc_i|`` (:func:`norm_bounds`).
-        norm_max: upper bound on ``|xc_j|`` over the rows ``j`` that ``F`` covers (0-d tensor or float).
+        norm_max: upper bound on ``|xc_j|`` over the rows ``j`` that ``F`` covers (0-d tensor or float,
+            or (M,) per row: the window of :func:`competitor_radius`).
         dtype: the dtype the centred points were rounded to.
         dim: D.
 
@@ -240,6 +241,60 @@ def centring_floor(
     c = (fi.eps / 2 * (norms.to(torch.float64) + norm_max) + 2.0 * math.sqrt(dim) * fi.tiny) * (1.0 + 8.0 * u64)
     s = floor_c.to(torch.float64).clamp_min(0).sqrt() * (1.0 - 4.0 * u64) - c
     return torch.where(s > 0, s * s * (1.0 - 4.0 * u64), torch.zeros_like(s))
+
+
+def competitor_radius(
+    norms: torch.Tensor,
+    kth_sq: torch.Tensor,
+    dim: int,
+    centred: Optional[torch.dtype] = None,
+    norm_max=None,
+) -> torch.Tensor:
+    """Per row, the largest norm a point can have and still compete for the row's first k neighbours:
+    ``W_i`` such that every row j with ``|xc_j| > W_i`` lies at a true distance ``>= sqrt(kth_sq[i])``
+    from row i, so the certification only has to bound the engine's error for rows with
+    ``|xc_j| <= W_i``. This is what keeps a few rows of huge norm (massive activations) from loosening
+    every other row's certificate: an error bound that grows with ``|xc_j|^2`` is evaluated at ``W_i``
+    (about ``|xc_i| + r_k``), not at the largest norm of the data set.
+
+    Derivation. Nothing centred (``centred=None``, the shortcut ran on the points themselves): the
+    triangle inequality gives ``|x_i - x_j| >= |x_j| - |x_i|``, so ``W_i = |x_i| + sqrt(kth_sq[i])``.
+    Centred into ``centred`` (unit roundoff ``u``; ``xc = fl(x - m~)``, :func:`centring_floor`): the
+    distance of the points as given is at least the centred one minus the rounding of both rows,
+    ``|x_i - x_j| >= |xc_i - xc_j| - u (|xc_i| + |xc_j|) - t`` with ``t = 2 sqrt(D) tiny`` for
+    subnormal coordinates, and ``|xc_i - xc_j| >= |xc_j| - |xc_i|``, so::
+
+        |x_i - x_j| >= (1 - u) |xc_j| - (1 + u) |xc_i| - t  >  sqrt(kth_sq[i])
+            whenever  |xc_j| > W_i = ((1 + u) |xc_i| + sqrt(kth_sq[i]) + t) / (1 - u).
+
+    Evaluated in float64 from upper bounds on ``|xc_i|`` and grown by a few float64 units of its own
+    rounding; capped at ``norm_max`` (an upper bound on every row's norm, past which there is nothing
+    to exclude). A NaN threshold gives ``norm_max`` (or ``inf``).
+
+    Args:
+        norms: (M,) float64 upper bounds on ``|xc_i|`` (:func:`norm_bounds`).
+        kth_sq: (M,) the squared distance each row must be certified at (its k-th re-ranked distance).
+        dim: D.
+        centred: the dtype the centred points were rounded to; None: nothing centred.
+        norm_max: optional upper bound on the norm of every row (0-d tensor or float).
+
+    Returns:
+        (M,) float64 radii ``W_i``.
+    """
+    u64 = torch.finfo(torch.float64).eps / 2
+    r = kth_sq.to(torch.float64).clamp_min(0).sqrt()
+    norms = norms.to(torch.float64)
+    if centred is None:
+        w = norms + r
+    else:
+        fi = torch.finfo(centred)
+        u = fi.eps / 2
+        w = ((1.0 + u) * norms + r + 2.0 * math.sqrt(dim) * fi.tiny) / (1.0 - u)
+    w = w * (1.0 + 8.0 * u64)
+    w = torch.where(torch.isnan(w), torch.full_like(w, float("inf")), w)
+    if norm_max is not None:
+        w = torch.minimum(w, torch.as_tensor(norm_max, dtype=torch.float64, device=w.device))
+    return w
 
 
 def float64_floor(
@@ -490,6 +545,50 @@ def _reference_rows_streamed(
     return exact[:, :k].clone(), torch.gather(cand, 1, order)[:, :k]
 
 
+def _uncertified(
+    kth: torch.Tensor,
+    cand_last: torch.Tensor,
+    err,
+    xc: torch.Tensor,
+    sq: Optional[torch.Tensor],
+    centred: bool,
+) -> torch.Tensor:
+    """Rows whose k-th re-ranked distance ``kth`` a non-candidate might undercut: the certification of
+    :func:`knn_exact`, per row and outlier-aware.
+
+    Row i is certified when every row j that is not among its candidates has a true squared distance
+    (on the points as given) of at least ``kth[i]``. Split the rows j by their centred norm at
+    ``W_i`` (:func:`competitor_radius`): beyond it, the triangle inequality alone puts j at least
+    ``sqrt(kth[i])`` away. Within it, the engine's approximate distance of j is at least the row's
+    kc-th candidate value ``cand_last[i]`` (the engine's contract), so its true centred squared distance
+    is at least ``cand_last[i] - err_i(W_i)``, with the engine's error bound evaluated for keys of norm
+    at most ``W_i`` (:func:`gelora.backends.error_rows`), and its true distance on the points at least
+    :func:`centring_floor` of that with ``W_i`` as the largest key norm. The row is certified when
+    ``kth[i]`` is at most that floor. Neither term uses the largest norm of the data set unless a row's
+    own window reaches it, so a few rows of huge norm (massive activations) fail alone.
+
+    Args:
+        kth: (N,) k-th re-ranked squared distances (dtype of ``xc``).
+        cand_last: (N,) the engine's kc-th approximate squared distances.
+        err: the engine's error bound (tensor, scalar or :class:`gelora.backends.NormScaledError`).
+        xc: (N, D) the searched (centred) points. sq: (N,) their squared norms, or None.
+        centred: whether ``xc`` is a centred copy of the points the distances are of.
+
+    Returns:
+        (M,) int64 indices of the rows that fail (NaN fails).
+    """
+    d = xc.shape[1]
+    if sq is None:
+        sq = torch.linalg.vector_norm(xc, dim=1).square_()
+    nb = norm_bounds(sq.to(xc.device), d)
+    t = kth.to(torch.float64)
+    w = competitor_radius(nb, t, d, xc.dtype if centred else None, nb.max())
+    floor = cand_last.to(torch.float64) - error_rows(err, w, device=xc.device)
+    if centred:
+        floor = centring_floor(floor, nb, w, xc.dtype, d)
+    return torch.nonzero(~(t <= floor)).flatten()
+
+
 def knn_exact(
     xc: torch.Tensor,
     k: int,
@@ -520,13 +619,8 @@ def knn_exact(
     centred = points is not None and points is not xc
     if points is None:
         points = xc
-    kc = min(n - 1, k + getattr(engine, "extra_candidates", EXTRA_CANDIDATES))
-    sq = None
-    with_norms = getattr(engine, "search_with_norms", None) if centred else None  # (KnnBackend has it)
-    if with_norms is not None:
-        cand_d2, cand_idx, err, sq = with_norms(xc, kc, src_dtype=src_dtype)
-    else:
-        cand_d2, cand_idx, err = engine.search(xc, kc, src_dtype=src_dtype)
+    kc = min(n - 1, k + engine.extra_candidates)
+    cand_d2, cand_idx, err, sq = engine.search_with_norms(xc, kc, src_dtype=src_dtype)
     rerank = getattr(engine, "rerank", None)
     if rerank is not None:
         exact = rerank(points if points.dtype == xc.dtype else points.to(xc.dtype), cand_idx)
@@ -537,15 +631,7 @@ def knn_exact(
     d2 = exact[:, :k]
     n_fixed = 0
     if kc < n - 1:
-        # every non-candidate j has approx d2 >= cand_d2[:, -1], so |xc_i - xc_j|^2 >= cand_d2[:, -1] - err,
-        # and |x_i - x_j|^2 >= centring_floor of that
-        floor = cand_d2[:, -1].to(torch.float64) - torch.as_tensor(err, device=xc.device).to(torch.float64)
-        if centred:
-            if sq is None:
-                sq = torch.linalg.vector_norm(xc, dim=1).square_()
-            nb = norm_bounds(sq.to(xc.device), d)
-            floor = centring_floor(floor, nb, nb.max(), xc.dtype, d)
-        bad = torch.nonzero(d2[:, -1].to(torch.float64) > floor).flatten()
+        bad = _uncertified(d2[:, -1], cand_d2[:, -1], err, xc, sq, centred)
         if bad.numel():
             n_fixed = int(bad.numel())
             if centred:

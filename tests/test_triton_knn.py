@@ -237,6 +237,31 @@ def _check_pipeline():
     assert select_backend(x).name == "triton"  # the interpreter makes CPU tensors eligible
 
 
+def _check_pipeline_outliers():
+    """Rows with a huge coordinate (massive activations; here 3% of the rows, +3000 on one coordinate,
+    a tight cluster like a decoder's BOS states): the fp16 tiles plus the pipeline's per-row window
+    recompute the outlier rows and at most 1% of the others in float64 (not all of them), and the
+    ratios are the brute-force ones."""
+    import gelora
+    from gelora.twonn import id_from_distances
+
+    g = torch.Generator().manual_seed(5)
+    n, d = 300, 32
+    x = torch.randn(n, 4, generator=g) @ torch.randn(4, d, generator=g) + 0.05 * torch.randn(n, d, generator=g)
+    rows = torch.randperm(n, generator=g)[:9]
+    x[rows, 3] += 3000.0
+    exact = _exact_sq(x, x)
+    exact.fill_diagonal_(float("inf"))
+    want = id_from_distances(torch.sort(exact, dim=1).values[:, :2].sqrt())
+    for precision in ("fp16", "ieee"):
+        os.environ["GELORA_TRITON_PRECISION"] = precision
+        res = gelora.twonn(x, backend="triton")
+        assert res.backend == "triton"
+        assert res.n_fixed <= 9 + 3, (precision, res.n_fixed)
+        assert torch.allclose(res.mu, want["mu"], rtol=1e-5, atol=0.0), precision
+    os.environ.pop("GELORA_TRITON_PRECISION")
+
+
 def _check_reasons_interpreter():
     """Under the interpreter the backend accepts CPU tensors and still rejects bad dtypes."""
     from gelora.backends import get_backend
@@ -368,6 +393,12 @@ def test_candidates_and_error_bound():
 def test_pipeline_with_triton_backend():
     _needs_triton()
     _interpret("_check_pipeline")
+
+
+@pytest.mark.interpreter
+def test_pipeline_outlier_rows_fail_alone():
+    _needs_triton()
+    _interpret("_check_pipeline_outliers")
 
 
 @pytest.mark.interpreter

@@ -89,7 +89,10 @@ class KnnBackend:
             err: scalar or (N,) tensor such that every row j that is *not* a candidate of row i has
                 exact squared distance ``>= cand_d2[i, -1] - err[i]`` (used to certify that no
                 neighbour was missed; a bound on ``|approx - exact|`` for pairs up to the kc-th
-                distance suffices). Zero for a backend that computes exact distances.
+                distance suffices). Zero for a backend that computes exact distances. Or a
+                :class:`NormScaledError`, a per-pair bound that the pipeline evaluates at the norms
+                that can compete for a row's neighbours (what a norm-shortcut engine should return:
+                outlier rows then do not loosen every other row's certificate).
         """
         raise NotImplementedError
 
@@ -100,6 +103,50 @@ class KnnBackend:
         way (None otherwise, and the pipeline computes them): they enter the centring term of the
         certification (:func:`gelora.knn.centring_floor`), so an engine that has them saves a pass."""
         return (*self.search(x, kc, src_dtype=src_dtype), None)
+
+
+class NormScaledError:
+    """The rounding bound of a norm-shortcut engine, kept per pair instead of evaluated at the largest norm.
+
+    An engine whose approximate squared distance is ``fl(|x_i|^2 + |x_j|^2 - 2 <x_i, x_j>)`` errs on a
+    pair by a bound that grows with *both* norms: ``|approx(i, j) - |x_i - x_j|^2| <= coef (sq[i] +
+    |x_j|^2)``. Evaluated with the largest ``|x_j|`` of the data set (:meth:`rows` without argument), a
+    few rows of huge norm (the "massive activations" of decoder hidden states) loosen every row's bound
+    by orders of magnitude. The pipeline (:func:`gelora.knn.knn_exact`) instead evaluates it, per row,
+    at the largest norm a point can have and still compete for the row's neighbours
+    (:func:`gelora.knn.competitor_radius`), which is about ``|x_i| + r_k``.
+
+    Attributes:
+        sq: (N,) squared norms of the rows as the engine computed them (the tile operands' norms).
+        coef: the factor of the bound (:func:`gelora.backends.torch_backend.gemm_error_coef`).
+    """
+
+    def __init__(self, sq: torch.Tensor, coef: float) -> None:
+        self.sq = sq
+        self.coef = float(coef)
+
+    def rows(self, key_norm: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(N,) float64 bounds, row i's holding for every row j with ``|x_j| <= key_norm[i]`` (a tensor
+        of (N,) or a scalar; default: the largest norm, so the bound holds for every j)."""
+        sq = self.sq.to(torch.float64)
+        if key_norm is None:
+            key_sq = sq.max() if sq.numel() else sq.new_zeros(())
+        else:
+            key_sq = torch.as_tensor(key_norm, dtype=torch.float64, device=sq.device).square()
+        return self.coef * (sq + key_sq)
+
+    def to(self, device) -> "NormScaledError":
+        return NormScaledError(self.sq.to(device), self.coef)
+
+
+def error_rows(err, key_norm: Optional[torch.Tensor] = None, device=None) -> torch.Tensor:
+    """The (N,) or 0-d float64 bound of an engine's ``err`` (see :meth:`KnnBackend.search`), for rows j
+    with ``|x_j| <= key_norm`` where the engine's bound depends on it (:class:`NormScaledError`)."""
+    if isinstance(err, NormScaledError):
+        out = err.rows(key_norm)
+    else:
+        out = torch.as_tensor(err, dtype=torch.float64)
+    return out if device is None else out.to(device)
 
 
 _REGISTRY: Dict[str, KnnBackend] = {}

@@ -8,7 +8,7 @@ in its epilogue on the registers, so no distance tile is ever written to memory 
 
 The dot products are sequential sums of products (FMA where the CPU has it) in the dtype of the
 (centred) input, spilled between chunks of 128-512 terms, which the probabilistic ``sqrt(D) u |x| |y|``
-model of :func:`gemm_error_bound` covers as it does a BLAS GEMM; the shared pipeline re-ranks and
+model of :func:`gemm_error_model` covers as it does a BLAS GEMM; the shared pipeline re-ranks and
 certifies the candidates.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import List
 import torch
 
 from . import KnnBackend, register
-from .torch_backend import gemm_error_bound
+from .torch_backend import gemm_error_model
 
 
 def _core():
@@ -61,7 +61,7 @@ class CppBackend(KnnBackend):
         arr = work.contiguous().numpy()
         d2, idx, sq, _ = _core().knn_candidates(arr, int(kc), n_threads=torch.get_num_threads())
         sq = torch.from_numpy(sq)
-        err = gemm_error_bound(sq, arr.shape[1], work.dtype)
+        err = gemm_error_model(sq, arr.shape[1], work.dtype)
         return torch.from_numpy(d2), torch.from_numpy(idx), err, sq
 
     def rerank(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:

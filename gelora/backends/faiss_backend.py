@@ -11,7 +11,7 @@ from typing import List
 import torch
 
 from . import KnnBackend, register
-from .torch_backend import gemm_error_bound
+from .torch_backend import gemm_error_model
 
 
 def _faiss():
@@ -64,8 +64,8 @@ class FaissBackend(KnnBackend):
         keep[torch.arange(ii.shape[0]), drop] = False
         cand_i = ii[keep].view(-1, kc)
         cand_d = dd[keep].view(-1, kc)
-        err = gemm_error_bound((x32 * x32).sum(1).cpu(), d, torch.float32)
         dev = x.device
+        err = gemm_error_model((x32 * x32).sum(1), d, torch.float32)
         return cand_d.to(dev), cand_i.to(dev), err.to(dev)
 
 

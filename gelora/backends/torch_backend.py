@@ -6,7 +6,7 @@ from typing import List, Tuple
 
 import torch
 
-from . import KnnBackend, register
+from . import KnnBackend, NormScaledError, register
 
 #: Rows of the query block. 2048 x N float32 tiles keep the working set at 8 MiB per 1k keys;
 #: measured on a 2-core AVX2 box (torch 2.13, MKL) as the knee of the block-size curve.
@@ -15,13 +15,28 @@ QUERY_BLOCK = 2048
 TILE_BYTES = 256 << 20
 
 
-def gemm_error_bound(sq_norms: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
-    """Bound on ``|fl(|x|^2 + |y|^2 - 2<x, y>) - |x - y|^2|`` for row ``x`` and any other row ``y``.
+def gemm_error_coef(dim: int, dtype: torch.dtype) -> float:
+    """``coef`` of the shortcut's rounding bound ``|fl(|x|^2 + |y|^2 - 2<x, y>) - |x - y|^2| <=
+    coef (|x|^2 + |y|^2)`` for a blocked GEMM of length-``dim`` dot products in ``dtype``.
 
     A probabilistic (not worst-case) rounding bound for blocked dot products: the error of a length-D
-    dot product grows like ``sqrt(D) * u * |x| |y|`` for round-to-nearest with independent errors;
-    we take 8 standard deviations, which the certification tests never saw exceeded, and rows that do
-    not clear it are recomputed in float64 anyway.
+    dot product grows like ``sqrt(D) * u * |x| |y| <= sqrt(D) u (|x|^2 + |y|^2) / 2`` for
+    round-to-nearest with independent errors, doubled for the ``-2<x, y>``; we take 8 standard
+    deviations and twice that again (the norms and the two additions), which the certification tests
+    never saw exceeded, and rows that do not clear it are recomputed in float64 anyway."""
+    u = torch.finfo(dtype).eps / 2
+    return 16.0 * math.sqrt(dim + 2) * u
+
+
+def gemm_error_model(sq_norms: torch.Tensor, dim: int, dtype: torch.dtype) -> NormScaledError:
+    """The per-pair form of :func:`gemm_error_bound` (:class:`gelora.backends.NormScaledError`), which
+    the pipeline evaluates at the norms that can compete for each row's neighbours."""
+    return NormScaledError(sq_norms, gemm_error_coef(dim, dtype))
+
+
+def gemm_error_bound(sq_norms: torch.Tensor, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """Bound on ``|fl(|x|^2 + |y|^2 - 2<x, y>) - |x - y|^2|`` for row ``x`` and *any* other row ``y``
+    (:func:`gemm_error_coef` at the largest norm of the data).
 
     Args:
         sq_norms: (N,) squared norms of the rows (float32/float64).
@@ -31,9 +46,7 @@ def gemm_error_bound(sq_norms: torch.Tensor, dim: int, dtype: torch.dtype) -> to
     Returns:
         (N,) float32 bound per row.
     """
-    u = torch.finfo(dtype).eps / 2
-    big = sq_norms.max()
-    return (8.0 * math.sqrt(dim + 2) * u * (sq_norms + big) * 2.0).to(torch.float32)
+    return gemm_error_model(sq_norms, dim, dtype).rows().to(torch.float32)
 
 
 def blocked_topk_sq(
@@ -102,7 +115,7 @@ class TorchBackend(KnnBackend):
         work = x if x.dtype in (torch.float32, torch.float64) else x.float()
         d2, idx = blocked_topk_sq(work, kc)
         sq = (work * work).sum(dim=1)
-        err = gemm_error_bound(sq, work.shape[1], work.dtype)
+        err = gemm_error_model(sq, work.shape[1], work.dtype)
         return d2.float() if d2.dtype != torch.float64 else d2, idx, err, sq
 
 

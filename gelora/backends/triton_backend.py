@@ -475,7 +475,7 @@ class TritonBackend(KnnBackend):
                      "blocked torch engine on %s", MAX_KC, kc, x.device)
             dev = _compute_device(x)
             d2, idx, err = TorchBackend().search(x.to(dev), kc, src_dtype=src_dtype)
-            return d2.to(x.device), idx.to(x.device), torch.as_tensor(err).to(x.device)
+            return d2.to(x.device), idx.to(x.device), err.to(x.device)
         return triton_candidates(x, kc)
 
 
