@@ -34,7 +34,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._input import ArrayLike, as_points, check_points, cpu_core
+from ._input import ArrayLike, as_points, check_points, cpu_core, power_of_two_scale
 from .backends import select_backend
 from .knn import _compute_dtype, centre_and_mean, knn_exact
 
@@ -264,7 +264,9 @@ def twonn(
             group alone: data-parallel jobs estimate each rank's data separately.
 
     Returns:
-        :class:`TwoNNResult`.
+        :class:`TwoNNResult`. The estimate does not depend on the units of ``x``: points far from 1
+        (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of two, which is exact
+        (:func:`gelora._input.power_of_two_scale`); ``r1_mean`` is in the units of ``x``.
 
     Raises:
         TypeError: unsupported dtype (integer, complex, bool) or input type.
@@ -282,6 +284,9 @@ def twonn(
             bootstrap=bootstrap, seed=seed,
         )
     xt = as_points(x, mask, check_finite=False)
+    scale = power_of_two_scale(xt)  # 1.0 for NaN/Inf, which check_points rejects
+    if scale != 1.0:
+        xt = xt * scale
     # one pass over the points for the NaN check, the row hashes and the mean (with the C++ core)
     hashes, mean = check_points(xt, coef=hash_coef(xt.shape[1]) if dedup else None)
     n_points = xt.shape[0]
@@ -304,7 +309,7 @@ def twonn(
     return TwoNNResult(
         id=res["id"], stderr=res["stderr"], n_points=n_points, n_used=res["n_used"], n_duplicates=n_dup,
         estimator=estimator, backend=engine.name, discard_fraction=float(discard_fraction),
-        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"],
+        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"] / scale,
         bootstrap_ids=res["bootstrap_ids"], mu=res["mu"],
     )
 
