@@ -4,15 +4,20 @@ change the estimate, on every engine, however far the values are from 1 (issue 1
 Multiplying by a power of two is exact in floating point, so for ``x * 2^k`` the expected answer is
 that of ``x`` itself, bit for bit: the same neighbours, the distances times ``2^k``, the same ID. The
 float64 reference (:func:`gelora.knn_reference`) fixes the ID of the unscaled points. The Triton
-engine's case runs in the interpreter (``tests/test_triton_knn.py``, ``_check_scale``). Also here: the
-argument checks of the same issue.
+engine's case runs in the interpreter (``tests/test_triton_knn.py``, ``_check_scale``); the sharded
+path is checked here on two gloo ranks. Also here: the argument checks of the same issue.
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import socket
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -270,3 +275,54 @@ def test_scale_curve_needs_enough_points():
         gelora.id_scale_curve(torch.randn(50, 3), max_levels=0)
     c = gelora.id_scale_curve(torch.randn(5, 3), n_min=3)
     assert c.n == [5] and len(c.id) == 1
+
+
+# ---------------------------------------------------------------------------------------------------
+# Sharded: one scale for all ranks
+# ---------------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, outdir):
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    done = []
+    try:
+        from gelora.distributed import knn2_distributed, twonn_distributed
+
+        x = torch.randn(120, 6, generator=torch.Generator().manual_seed(6))
+        x[:60] *= 2.0 ** -10  # rank 0's shard: 2^10 smaller, so a scale per shard would differ
+        mine = slice(rank * 60, (rank + 1) * 60)
+        # unscaled (in range): the sharded result, which matches one process (tests/test_distributed.py)
+        ref_d, ref_i = knn2_distributed(x[mine], k=2)
+        ref = twonn_distributed(x[mine])
+        assert _rel(ref.id, _reference_id(x)) <= _float32_id_tol(x)
+        for k in (-100, 100):
+            xs = x * 2.0 ** k
+            assert torch.equal(xs * 2.0 ** -k, x)  # exact: no value of xs is subnormal
+            d, i = knn2_distributed(xs[mine], k=2)
+            assert torch.equal(i, ref_i) and torch.equal(d, ref_d * 2.0 ** k), k
+            r = twonn_distributed(xs[mine])
+            assert abs(r.id - ref.id) <= 1e-12 * ref.id, (r.id, ref.id)
+            assert abs(r.r1_mean - ref.r1_mean * 2.0 ** k) <= 1e-12 * ref.r1_mean * 2.0 ** k
+            done.append(k)
+        with pytest.raises(ValueError, match="bootstrap"):
+            twonn_distributed(x[rank * 60:(rank + 1) * 60], bootstrap=-1)
+        done.append("bootstrap")
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
+        json.dump(done, f)
+
+
+def test_sharded_points_share_one_scale(tmp_path):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in range(2):
+        assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [-100, 100, "bootstrap"]
