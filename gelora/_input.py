@@ -6,7 +6,8 @@ problem, never later as a crash or a silent NaN.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import math
+from typing import Callable, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -141,3 +142,72 @@ def check_points(
     if bad:
         raise ValueError(f"{name}: {bad} row(s) contain NaN or Inf; clean or mask them before estimating")
     return (None if h is None else torch.from_numpy(h)), (None if mean is None else torch.from_numpy(mean))
+
+
+def power_of_two_scale(
+    x: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    *,
+    reduce: Optional[Callable[[float], float]] = None,
+) -> float:
+    """The power of two ``2^s`` to multiply the points ``x`` by before a search in ``dtype``, or 1.0.
+
+    TwoNN only sees ratios of distances, and the kNN engines form squared distances and squared norms
+    in float32 (FAISS and the Triton tiles whatever the input dtype; the C++ and torch engines for
+    all but float64 input): values far from 1 overflow them (``1e30`` squared is beyond float32) or
+    underflow them (``1e-30`` squared is below its smallest subnormal). Outside a comfortable range,
+    ``2^-32 <= max|x| < 2^32`` for ``dtype`` float32 (``2^-256 <= max|x| < 2^256`` for float64, the
+    float64 reference: a quarter of the exponent range on either side, so that squared norms stay far
+    below overflow for any D under ``2^60`` and the squares of distances down to ``2^-31 max|x|`` stay
+    normal), the points are scaled so that ``max|x|`` lies in ``[1/2, 1)``. Multiplying by a power of
+    two is exact, as long as no value of ``x`` lands below the smallest normal number of its dtype
+    (values below ``2^-126 max|x|`` in float32/bfloat16: far beneath the resolution of the largest
+    values, and their squares are zero in float32 at any scale). In the range, 1.0: the common path
+    makes no copy.
+
+    Args:
+        x: (N, D) points, any float dtype and device (N may be 0). float16 points, computed in float32,
+            never need a scale (``65504^2`` and ``(2^-24)^2`` are well inside float32): not read.
+        dtype: the narrowest dtype the distances are computed in.
+        reduce: maps this process's ``max|x|`` to the one of all processes (an ``all_reduce`` of the
+            max, :mod:`gelora.distributed`), so that every rank scales by the same power of two;
+            called on every rank (an empty shard contributes 0), except for float16 points.
+
+    Returns:
+        ``2^s`` as a float, a normal number of the dtype of ``x`` (so at the ends of float32's range
+        ``max|x|`` lands near, not in, ``[1/2, 1)``); 1.0 when ``x`` is in the range, all zero, empty,
+        or holds NaN/Inf (the finiteness check rejects those).
+    """
+    fi, fx = torch.finfo(dtype), torch.finfo(x.dtype)
+    # the range [2^lo, 2^hi): a quarter of the exponents of normal numbers of dtype on either side
+    lo, hi = (math.frexp(fi.tiny)[1] - 1) // 4, math.frexp(fi.max)[1] // 4
+    if math.frexp(fx.max)[1] <= hi and math.frexp(fx.tiny * fx.eps)[1] - 1 >= lo:
+        return 1.0  # every value of the dtype is in the range (float16 in float32)
+    top = 0.0
+    if x.numel():
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64):
+            a = x.detach().numpy()  # numpy's min/max: ~8x faster than torch's on a busy 2-core box
+            mn, mx = float(a.min()), float(a.max())
+        else:
+            mn, mx = (float(v) for v in torch.aminmax(x.detach()))
+        top = max(abs(mn), abs(mx)) if math.isfinite(mn) and math.isfinite(mx) else math.inf
+    if reduce is not None:
+        top = float(reduce(top))
+    if top == 0.0 or not math.isfinite(top):
+        return 1.0
+    e = math.frexp(top)[1]  # top = m 2^e, 1/2 <= m < 1
+    if lo <= e - 1 and e <= hi:  # 2^(e-1) <= top < 2^e inside [2^lo, 2^hi)
+        return 1.0
+    # 2^-e, kept a normal number of the dtype of x (the product is then exact)
+    s = min(max(-e, math.frexp(fx.tiny)[1] - 1), math.frexp(fx.max)[1] - 1)
+    return math.ldexp(1.0, s)
+
+
+def unscale_distances(dist: torch.Tensor, scale: float) -> torch.Tensor:
+    """Distances of points multiplied by ``scale`` (:func:`power_of_two_scale`) in the units of the
+    points as given: ``dist / scale`` in float64 (exact, the division by a power of two), ``dist``
+    itself when ``scale`` is 1. A caller that returns another dtype converts afterwards, where a
+    distance beyond its range becomes ``inf`` and one below it a subnormal or 0."""
+    if scale == 1.0:
+        return dist
+    return dist.to(torch.float64) / scale

@@ -24,6 +24,10 @@ centred with the global mean (one ``all_reduce``), and the estimate is computed 
 :func:`gelora.twonn.id_from_distances` on the gathered (N, 2) distances, so every rank returns the
 same :class:`gelora.TwoNNResult`, equal to the single-process result on the concatenated points.
 
+Points far from 1 are scaled by a power of two first, as :func:`gelora.knn2` and :func:`gelora.twonn`
+scale them (:func:`gelora._input.power_of_two_scale`), with one scale for all ranks (an ``all_reduce``
+of the largest ``|value|``); distances and ``r1_mean`` come back in the units of the points.
+
 Collectives run on CPU tensors for gloo and CUDA tensors for NCCL; rows are sent as raw bytes, so
 every dtype travels unchanged. Every rank must call these functions with the same arguments (and
 the same dtype and D); a bad input on one rank raises on every rank (no hang).
@@ -37,7 +41,7 @@ from typing import Callable, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from ._input import ArrayLike, as_points, to_tensor
+from ._input import ArrayLike, as_points, power_of_two_scale, to_tensor, unscale_distances
 from .backends import error_rows, select_backend
 from .backends.torch_backend import gemm_error_model
 from .knn import (EXTRA_CANDIDATES, brute_knn, centring_floor, competitor_radius, direct_sq_dist, float64_floor,
@@ -433,6 +437,16 @@ def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> str:
     return name
 
 
+def _agreed_scale(g: _Group, x: torch.Tensor) -> float:
+    """:func:`gelora._input.power_of_two_scale` of all ranks' points together: the largest ``|value|``
+    over the ranks (one ``all_reduce`` of the max), so that every rank scales by the same power of two
+    (a rank scaling its shard alone would change the distances between shards)."""
+    def reduce(top: float) -> float:
+        return float(g.all_reduce(torch.tensor([top], dtype=torch.float64), dist.ReduceOp.MAX))
+
+    return power_of_two_scale(x, reduce=reduce)
+
+
 def _centre_global(g: _Group, x: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.centre`),
     and that (D,) float64 mean (the same on every rank)."""
@@ -479,9 +493,12 @@ def knn2_distributed(
     if total < k + 1:
         raise ValueError(f"x: {total} point(s) over all ranks; k={k} needs at least {k + 1}")
     engine = _select(g, xt, backend)
+    scale = _agreed_scale(g, xt)
+    if scale != 1.0:
+        xt = xt * scale
     xc, mean = _centre_global(g, xt, total)
     d2, idx, _, _ = _knn_sharded(g, xt, xc, mean, sizes, k, engine)
-    dist_ = d2.clamp_min(0).sqrt().float()
+    dist_ = unscale_distances(d2.clamp_min(0).sqrt(), scale).float()
     if gather:
         dist_ = g.all_gather_rows(dist_, sizes)
         idx = g.all_gather_rows(idx, sizes)
@@ -508,13 +525,16 @@ def twonn_distributed(
     g = _Group(group)
     error: Optional[BaseException] = None
     try:
-        _check_estimator(estimator, discard_fraction)
+        _check_estimator(estimator, discard_fraction, bootstrap)
     except ValueError as exc:
         error = exc
     xt, perr = _local_points(x_local, mask)
     g.agree(error or perr)
     _check_shapes(g, xt)
     n_points = sum(g.all_gather_sizes(xt.shape[0]))
+    scale = _agreed_scale(g, xt)
+    if scale != 1.0:
+        xt = xt * scale
 
     if dedup:
         if xt.shape[0]:
@@ -538,7 +558,7 @@ def twonn_distributed(
     return TwoNNResult(
         id=res["id"], stderr=res["stderr"], n_points=n_points, n_used=res["n_used"], n_duplicates=n_dup,
         estimator=estimator, backend=used, discard_fraction=float(discard_fraction),
-        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"],
+        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"] / scale,
         bootstrap_ids=res["bootstrap_ids"], mu=res["mu"],
     )
 

@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ._input import ArrayLike, as_points, cpu_core
+from ._input import ArrayLike, as_points, cpu_core, power_of_two_scale, unscale_distances
 from .backends import KnnBackend, error_rows, select_backend
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
@@ -152,12 +152,17 @@ def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]
         k: neighbours per row, ``1 <= k <= N - 1``.
 
     Returns:
-        dist: (N, k) float64 Euclidean distances, ascending; idx: (N, k) int64.
+        dist: (N, k) float64 Euclidean distances, ascending; idx: (N, k) int64. Points beyond float64's
+        comfortable range are searched scaled by a power of two (:func:`power_of_two_scale`, exact);
+        the distances are scaled back, so a distance beyond float64's range is ``inf`` or subnormal.
     """
     xt = as_points(x, min_points=k + 1)
+    scale = power_of_two_scale(xt, torch.float64)
+    if scale != 1.0:
+        xt = xt * scale
     xc64 = centre(xt, torch.float64)
     d2, idx = _reference_rows(xt, torch.arange(xt.shape[0], device=xt.device), k, xc=xc64)
-    return d2.clamp_min(0).sqrt(), idx
+    return unscale_distances(d2.clamp_min(0).sqrt(), scale), idx
 
 
 def float64_shortcut_error(
@@ -667,7 +672,11 @@ def knn2(
             shard and indices are global (see :func:`gelora.distributed.knn2_distributed`).
 
     Returns:
-        dist: (N, k) float32 Euclidean distances (not squared), ascending per row.
+        dist: (N, k) float32 Euclidean distances (not squared), ascending per row, in the units of ``x``.
+            Points far from 1 (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of
+            two (exact; :func:`gelora._input.power_of_two_scale`) and the distances scaled back in
+            float64: one beyond float32's range comes back ``inf`` (above ~3.4e38) or subnormal/0
+            (below ~1.2e-38); ``idx`` is exact either way.
         idx: (N, k) int64 neighbour indices (into the masked, flattened points). A point is never its
             own neighbour (excluded by index, not by distance: a duplicate is a neighbour at 0).
     """
@@ -681,9 +690,12 @@ def knn2(
         return knn2_distributed(x, k=k, group=None if group is True else group, backend=backend)
     xt = as_points(x, mask, min_points=k + 1)
     engine = select_backend(xt, backend)
+    scale = power_of_two_scale(xt)
+    if scale != 1.0:
+        xt = xt * scale
     xc, mean = centre_and_mean(xt, _compute_dtype(xt, engine))
     dist, idx, _ = knn_exact(xc, k, engine, xt.dtype, points=xt, mean=mean)
-    return dist.float(), idx
+    return unscale_distances(dist, scale).float(), idx
 
 
 def _compute_dtype(x: torch.Tensor, engine: KnnBackend) -> torch.dtype:

@@ -27,13 +27,14 @@ remaining ``mu == 1`` (legitimate equal distances, e.g. on lattices); they stay 
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
 
-from ._input import ArrayLike, as_points, check_points, cpu_core
+from ._input import ArrayLike, as_points, check_points, cpu_core, power_of_two_scale
 from .backends import select_backend
 from .knn import _compute_dtype, centre_and_mean, knn_exact
 
@@ -188,7 +189,7 @@ def id_from_distances(
         dict with ``id``, ``stderr``, ``n_used``, ``n_zero_r1``, ``n_ties``, ``r1_mean``, ``mu``,
         ``bootstrap_ids``.
     """
-    _check_estimator(estimator, discard_fraction)
+    _check_estimator(estimator, discard_fraction, bootstrap)
     r = dist.to(torch.float64)
     r1, r2 = r[:, 0], r[:, 1]
     pos = r1 > 0
@@ -206,7 +207,7 @@ def id_from_distances(
     n_used = _n_used(n, estimator, discard_fraction)
     stderr = est / math.sqrt(max(1, n_used - 2))
     boot = None
-    if bootstrap and bootstrap > 0:
+    if bootstrap:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         draws = torch.randint(0, n, (bootstrap, n), generator=gen).to(log_mu.device)
         samples = torch.sort(log_mu[draws], dim=1).values
@@ -216,11 +217,16 @@ def id_from_distances(
                 r1_mean=float(r1[pos].mean()), mu=torch.exp(log_mu).cpu(), bootstrap_ids=boot)
 
 
-def _check_estimator(estimator: str, discard_fraction: float) -> None:
+def _check_estimator(estimator: str, discard_fraction: float, bootstrap: int = 0) -> None:
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if not (0.0 <= float(discard_fraction) < 1.0):
         raise ValueError(f"discard_fraction must be in [0, 1), got {discard_fraction!r}")
+    # one resample has no spread: its standard deviation would be a silent NaN
+    if isinstance(bootstrap, bool) or not isinstance(bootstrap, numbers.Integral) or bootstrap < 0 \
+            or bootstrap == 1:
+        raise ValueError(f"bootstrap must be 0 (analytic standard error) or a number of resamples >= 2, "
+                         f"got {bootstrap!r}")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -249,7 +255,8 @@ def twonn(
         backend: force a kNN engine (``"triton"``, ``"cpp"``, ``"faiss"``, ``"torch"``); default: the first
             usable one, see ``python -m gelora.info``.
         mask: optional boolean (B, T) token mask (True keeps a token), e.g. an attention mask.
-        bootstrap: number of bootstrap resamples of the ratios for ``stderr``/``ci95`` (0: analytic).
+        bootstrap: number of bootstrap resamples of the ratios for ``stderr``/``ci95`` (0: analytic;
+            otherwise at least 2).
         seed: seed of the bootstrap.
         group: a ``torch.distributed`` process group (or ``True`` for the default group): ``x`` is this
             rank's shard of the points, and every rank gets the global estimate over all shards (see
@@ -257,14 +264,17 @@ def twonn(
             group alone: data-parallel jobs estimate each rank's data separately.
 
     Returns:
-        :class:`TwoNNResult`.
+        :class:`TwoNNResult`. The estimate does not depend on the units of ``x``: points far from 1
+        (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of two, which is exact
+        (:func:`gelora._input.power_of_two_scale`); ``r1_mean`` is in the units of ``x``.
 
     Raises:
         TypeError: unsupported dtype (integer, complex, bool) or input type.
-        ValueError: bad shape, empty input, NaN/Inf, fewer than 3 distinct points, bad mask.
+        ValueError: bad shape, empty input, NaN/Inf, fewer than 3 distinct points, bad mask, a bad
+            ``estimator``, ``discard_fraction`` or ``bootstrap``.
         gelora.BackendUnavailable: a forced backend cannot run on this input.
     """
-    _check_estimator(estimator, discard_fraction)
+    _check_estimator(estimator, discard_fraction, bootstrap)
     if group is not None and group is not False:
         from .distributed import twonn_distributed
 
@@ -274,6 +284,9 @@ def twonn(
             bootstrap=bootstrap, seed=seed,
         )
     xt = as_points(x, mask, check_finite=False)
+    scale = power_of_two_scale(xt)  # 1.0 for NaN/Inf, which check_points rejects
+    if scale != 1.0:
+        xt = xt * scale
     # one pass over the points for the NaN check, the row hashes and the mean (with the C++ core)
     hashes, mean = check_points(xt, coef=hash_coef(xt.shape[1]) if dedup else None)
     n_points = xt.shape[0]
@@ -296,7 +309,7 @@ def twonn(
     return TwoNNResult(
         id=res["id"], stderr=res["stderr"], n_points=n_points, n_used=res["n_used"], n_duplicates=n_dup,
         estimator=estimator, backend=engine.name, discard_fraction=float(discard_fraction),
-        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"],
+        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"] / scale,
         bootstrap_ids=res["bootstrap_ids"], mu=res["mu"],
     )
 
@@ -333,11 +346,23 @@ def id_scale_curve(
     at small scales) or curvature/topology (ID changes at large scales). Each level splits a random
     permutation of the (deduplicated) points into ``2^level`` disjoint subsets. ``kwargs`` go to
     :func:`twonn`.
+
+    Raises:
+        ValueError: fewer than ``max(3, n_min)`` distinct points (no level to estimate on), or
+            ``max_levels < 1``; and what :func:`twonn` raises.
     """
+    if max_levels < 1:
+        raise ValueError(f"max_levels must be at least 1, got {max_levels!r}")
     xt = as_points(x, mask)
-    if kwargs.pop("dedup", True):
+    dedup = kwargs.pop("dedup", True)
+    if dedup:
         keep, _ = unique_rows(xt)
         xt = xt[keep]
+    need = max(3, n_min)
+    if xt.shape[0] < need:
+        raise ValueError(f"id_scale_curve: {xt.shape[0]} {'distinct ' if dedup else ''}point(s); a curve "
+                         f"needs at least {need} (its smallest subsets have n_min={n_min} points, and "
+                         "TwoNN needs 3)")
     gen = torch.Generator(device="cpu").manual_seed(seed)
     perm = torch.randperm(xt.shape[0], generator=gen).to(xt.device)
     ns: List[int] = []

@@ -262,6 +262,31 @@ def _check_pipeline_outliers():
     os.environ.pop("GELORA_TRITON_PRECISION")
 
 
+def _check_scale():
+    """Scale invariance on the Triton engine (issue 14, the rest in tests/test_scale.py): x * 2^-100
+    and x * 2^100 (exact) give the neighbours, the distances times 2^k and the ID of x; the issue's
+    float32 rows x * 1e-30 and x * 1e30 (rounded), which raised before, give the float64 reference's ID
+    of the same points within the float32 bound of tests/test_scale.py."""
+    import gelora
+    from gelora.twonn import id_from_distances
+    from test_scale import _float32_id_tol
+
+    x = _points(200, 16, "manifold", seed=14)
+    base = gelora.twonn(x, backend="triton")
+    d0, i0 = gelora.knn2(x, backend="triton")
+    for k in (-100, 100):
+        r = gelora.twonn(x * 2.0 ** k, backend="triton")
+        assert r.backend == "triton"
+        assert abs(r.id - base.id) <= 1e-12 * base.id, (k, r.id, base.id)
+        d, i = gelora.knn2(x * 2.0 ** k, backend="triton")
+        assert torch.equal(i, i0) and torch.equal(d, d0 * 2.0 ** k), k
+    for factor in (1e-30, 1e30):
+        xs = x * factor
+        r = gelora.twonn(xs, backend="triton")
+        ref = id_from_distances(gelora.knn_reference(xs, k=2)[0])["id"]
+        assert abs(r.id - ref) <= _float32_id_tol(xs) * ref, (factor, r.id, ref)
+
+
 def _check_reasons_interpreter():
     """Under the interpreter the backend accepts CPU tensors and still rejects bad dtypes."""
     from gelora.backends import get_backend
@@ -399,6 +424,12 @@ def test_pipeline_with_triton_backend():
 def test_pipeline_outlier_rows_fail_alone():
     _needs_triton()
     _interpret("_check_pipeline_outliers")
+
+
+@pytest.mark.interpreter
+def test_scale_invariance():
+    _needs_triton()
+    _interpret("_check_scale")
 
 
 @pytest.mark.interpreter
