@@ -594,6 +594,83 @@ def _uncertified(
     return torch.nonzero(~(t <= floor)).flatten()
 
 
+#: A failing row is searched in its norm shell (:func:`_norm_shell_rows`) when the shell holds at most
+#: this fraction of the points (or :data:`SHELL_MIN_POINTS`); wider shells go to the float64 reference.
+SHELL_MAX_FRACTION = 1.0 / 16
+SHELL_MIN_POINTS = 2048
+
+
+def _norm_shell_rows(
+    points: torch.Tensor,
+    xc: torch.Tensor,
+    rows: torch.Tensor,
+    k: int,
+    kth_sq: torch.Tensor,
+    centred: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact k-NN of those failing ``rows`` whose competitors lie in a thin shell of norms: the rows of
+    huge norm (massive activations) that no float32 shortcut can rank, found by direct float64
+    distances to the few points of similar norm instead of a float64 pass over all points.
+
+    Derivation. Row i has k candidates at computed direct squared distances ``<= kth_sq[i]``; each is
+    computed in the dtype of ``xc`` (a rounded difference, its square and a sum of D terms: relative
+    error at most ``gamma_{D+2}``), so k points lie within ``R_i = sqrt(kth_sq[i] (1 + 2 gamma_{D+2}))``
+    of ``x_i`` and no point farther than ``R_i`` is among its k nearest. With the centring's rounding
+    (:func:`competitor_radius`), ``|x_i - x_j| >= (1 - u) |xc_j| - (1 + u) |xc_i| - t`` and
+    ``>= (1 - u) |xc_i| - (1 + u) |xc_j| - t``, so a point within ``R_i`` has::
+
+        ((1 - u) |xc_i| - R_i - t) / (1 + u)  <=  |xc_j|  <=  ((1 + u) |xc_i| + R_i + t) / (1 - u)
+
+    (``u = t = 0`` with nothing centred). The norms are taken in float64 (relative error ~1e-15; the
+    shell is widened by 1e-9 relative), sorted once, and each row's shell is a slice of them; a row
+    whose shell holds at most ``max(SHELL_MIN_POINTS, SHELL_MAX_FRACTION N)`` points gets
+    :func:`brute_knn` against it (float64 direct distances of the points as given, ties by index).
+
+    Args:
+        points: (N, D) the points as given. xc: (N, D) the searched copy (centred when ``centred``).
+        rows: (M,) int64 failing rows. kth_sq: (M,) their k-th re-ranked squared distances.
+
+    Returns:
+        done: (P,) int64 positions into ``rows`` that were searched here; their (P, k) float64 squared
+        distances and (P, k) int64 indices.
+    """
+    n, d = xc.shape
+    empty = torch.empty(0, dtype=torch.int64, device=xc.device)
+    limit = max(SHELL_MIN_POINTS, int(SHELL_MAX_FRACTION * n))
+    if limit >= n - 1:
+        return empty, torch.empty(0, k, dtype=torch.float64, device=xc.device), empty.view(0, k)
+    step = max(1, (1 << 22) // max(1, d))
+    nrm = torch.cat([torch.linalg.vector_norm(xc[s:s + step], dim=1, dtype=torch.float64)
+                     for s in range(0, n, step)])
+    srt, order = torch.sort(nrm)
+    if centred:
+        fi = torch.finfo(xc.dtype)
+        u, t = fi.eps / 2, 2.0 * math.sqrt(d) * fi.tiny
+    else:
+        u = t = 0.0
+    ucomp = torch.finfo(xc.dtype).eps / 2
+    nu = (d + 2) * ucomp
+    gamma = nu / (1.0 - nu)
+    r = (kth_sq.to(torch.float64).clamp_min(0) * (1.0 + 2.0 * gamma)).sqrt()
+    ni = nrm[rows]
+    lo_v = (((1.0 - u) * ni - r - t) / (1.0 + u)) * (1.0 - 1e-9)
+    hi_v = (((1.0 + u) * ni + r + t) / (1.0 - u)) * (1.0 + 1e-9)
+    lo = torch.searchsorted(srt, lo_v, right=False)
+    hi = torch.searchsorted(srt, hi_v, right=True)
+    width = hi - lo
+    ok = torch.nonzero((width <= limit) & (width > k) & torch.isfinite(r)).flatten()
+    out_d = torch.empty(ok.numel(), k, dtype=torch.float64, device=xc.device)
+    out_i = torch.empty(ok.numel(), k, dtype=torch.int64, device=xc.device)
+    for p, pos in enumerate(ok.tolist()):
+        shell = torch.sort(order[int(lo[pos]):int(hi[pos])]).values  # ascending index: ties by index
+        row = rows[pos]
+        me = torch.searchsorted(shell, row.view(1)).clamp_max(shell.numel() - 1)
+        me = torch.where(shell[me] == row, me, torch.full_like(me, -1))  # (its own shell holds it)
+        bd, bi = brute_knn(points[row].view(1, d), points[shell], k, me)
+        out_d[p], out_i[p] = bd[0], shell[bi[0]]
+    return ok, out_d, out_i
+
+
 def knn_exact(
     xc: torch.Tensor,
     k: int,
@@ -639,11 +716,20 @@ def knn_exact(
         bad = _uncertified(d2[:, -1], cand_d2[:, -1], err, xc, sq, centred)
         if bad.numel():
             n_fixed = int(bad.numel())
+            d2 = d2.clone()
+            # rows with few points in their norm shell (outliers) first: exact, O(shell * D) each
+            done, wd2, wi = _norm_shell_rows(points, xc, bad, k, d2[bad, -1], centred)
+            if done.numel():
+                d2[bad[done]] = wd2.to(d2.dtype)
+                idx[bad[done]] = wi
+                rest = torch.ones(bad.numel(), dtype=torch.bool, device=bad.device)
+                rest[done] = False
+                bad = bad[rest]
+        if bad.numel():
             if centred:
                 fd2, fi = _reference_rows(points, bad, k, xc=xc, mean=mean)
             else:
                 fd2, fi = _reference_rows(xc, bad, k)
-            d2 = d2.clone()
             d2[bad] = fd2.to(d2.dtype)
             idx[bad] = fi
     dist = d2.clamp_min(0).sqrt()

@@ -129,3 +129,28 @@ def test_error_rows_forms():
     w = torch.tensor([2.0, 3.0, 1000.0], dtype=torch.float64)
     assert torch.equal(error_rows(e, w), 0.5 * (sq.double() + w * w))
     assert torch.equal(error_rows(torch.tensor(0.25)), torch.tensor(0.25, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("centred", [True, False])
+def test_norm_shell_rows_are_exact_for_outliers(centred):
+    """The outlier rows (huge norm, tight cluster, with duplicates among them) are searched in their
+    norm shell: the answer is the brute-force one (ties by index, never the row itself) for every row
+    searched there."""
+    x, m = _outlier_data(n=3000, D=24, frac=0.01, spike=3000.0, seed=4)
+    big = torch.nonzero(torch.linalg.vector_norm(x, dim=1) > 1000).flatten()
+    x[big[1]] = x[big[0]]  # a duplicate pair among the outliers
+    small = torch.nonzero(torch.linalg.vector_norm(x, dim=1) < 1000).flatten()[:5]
+    rows = torch.cat([big, small])
+    k = 3
+    d2_all, want_d2, want_i = _brute(x, k)
+    if centred:
+        xc, _ = knn.centre_and_mean(x, torch.float32)
+    else:
+        xc = x
+    kth = want_d2[rows, -1].float() * (1 + 1e-6)  # what the re-rank would have found, rounded up
+    done, sd2, si = knn._norm_shell_rows(x, xc, rows, k, kth, centred)
+    assert set(range(big.numel())) <= set(done.tolist()), done
+    got = rows[done]
+    torch.testing.assert_close(sd2, want_d2[got], rtol=1e-12, atol=0.0)
+    assert torch.equal(si, want_i[got])  # ties (the duplicate pair's equal distances) by index
+    assert bool((si != got.unsqueeze(1)).all())
