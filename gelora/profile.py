@@ -509,11 +509,18 @@ class ProfileResult:
     def backend(self) -> str:
         return self.twonn[0].backend if self.twonn else ""
 
+    @property
+    def n_fixed(self) -> List[int]:
+        """Per layer, the rows whose neighbours the exactness certificate sent to the float64 path
+        (:attr:`gelora.TwoNNResult.n_fixed`; many of them mean a slow estimate, not a wrong one)."""
+        return [int(r.n_fixed) for r in self.twonn] if self.twonn else [0] * len(self.ids)
+
     def summary(self) -> str:
-        """A plain-text table: layer, ID +/- stderr, sampled points, duplicates."""
-        rows = [f"{'layer':<12} {'ID':>8} {'+/-':>6} {'points':>8} {'dups':>6}"]
-        for name, d, e, n, k in zip(self.layers, self.ids, self.stderr, self.n_points, self.n_duplicates):
-            rows.append(f"{name:<12} {d:8.2f} {e:6.2f} {n:8d} {k:6d}")
+        """A plain-text table: layer, ID +/- stderr, sampled points, duplicates, rows recomputed in float64."""
+        rows = [f"{'layer':<12} {'ID':>8} {'+/-':>6} {'points':>8} {'dups':>6} {'fp64':>6}"]
+        for name, d, e, n, k, f in zip(self.layers, self.ids, self.stderr, self.n_points, self.n_duplicates,
+                                       self.n_fixed):
+            rows.append(f"{name:<12} {d:8.2f} {e:6.2f} {n:8d} {k:6d} {f:6d}")
         return "\n".join(rows)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -524,6 +531,7 @@ class ProfileResult:
             "stderr": [float(v) for v in self.stderr],
             "n_points": list(self.n_points),
             "n_duplicates": list(self.n_duplicates),
+            "n_fixed": self.n_fixed,
             "n_seen": self.n_seen,
             "n_sequences": self.n_sequences,
             "pooling": self.pooling,

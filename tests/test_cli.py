@@ -71,6 +71,12 @@ def test_profile_writes_report_adapter_config_and_plot(tiny_model_dir, texts_fil
     prof, alloc = report["profile"], report["allocation"]
     assert len(prof["ids"]) == 4 and len(prof["stderr"]) == 4 and len(alloc["ranks"]) == 3
     assert prof["n_points"] == [300] * 4 and prof["pooling"] == "tokens"
+    # rows recomputed in float64 per layer: in the report and as the table's fp64 column
+    assert len(prof["n_fixed"]) == 4 and all(isinstance(v, int) and 0 <= v <= 300 for v in prof["n_fixed"])
+    header = next(line for line in stdout.splitlines() if line.startswith("layer"))
+    assert header.split()[-1] == "fp64"
+    last = next(line for line in stdout.splitlines() if line.startswith("block 2"))
+    assert int(last.split()[-1]) == prof["n_fixed"][-1]
     # budget: uniform rank 4 on query+value of 3 blocks of width 32
     assert alloc["budget"] == 4 * 3 * 2 * 64 and alloc["params"] + alloc["leftover"] == alloc["budget"]
     assert alloc["params"] <= alloc["budget"]
