@@ -9,10 +9,14 @@
    rounds every coordinate once more, by up to ``u |x - mean|``, which is not small against the
    neighbour distances of a tight cluster far from the mean). Exact duplicates get exactly 0, never a
    fake ``1e-2`` from cancellation;
-4. certification: a row is exact when its re-ranked k-th distance is below the smallest distance any
-   non-candidate can have (the backend's kc-th approximate distance minus its error bound, moved by
-   the centring's rounding, :func:`centring_floor`). Rows that fail are recomputed by the float64
-   reference, so the answer never depends on the engine's rounding.
+4. certification, per row (:func:`_uncertified`): a row is exact when its re-ranked k-th distance is
+   below the smallest distance any non-candidate can have (the backend's kc-th approximate distance
+   minus its error bound, moved by the centring's rounding, :func:`centring_floor`), with both bounds
+   evaluated at the norms that can compete for the row's neighbours (:func:`competitor_radius`), so a
+   few rows of huge norm (massive activations) do not loosen the others'. Rows that fail are searched
+   exactly in their norm shell when it is thin (:func:`_norm_shell_rows`: the outlier rows), else
+   recomputed by the streamed float64 reference (:func:`_reference_rows`, within :func:`chunk_bytes`
+   of working memory), so the answer never depends on the engine's rounding.
 
 :func:`knn_reference` is the float64 reference that tests and benchmarks compare against. It runs the
 same pipeline in float64 with a worst-case (not probabilistic) bound on the shortcut's rounding
@@ -23,6 +27,7 @@ shortcut (points far from the mean relative to their neighbour distances).
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Tuple
 
 import torch
@@ -35,15 +40,40 @@ EXTRA_CANDIDATES = 2
 #: Elements of one gathered (rows, kc, D) block in the direct re-rank on the CPU (~4 MiB of float32;
 #: 256 rows x 4 x 768 measured fastest on a 2-core AVX2 box: 3 ms for 4096 x 4 x 768).
 RERANK_CHUNK_ELEMS = 1 << 20
-#: At most this many failing rows are recomputed against float64 chunks of the points instead of one
-#: float64 copy of all of them (see :func:`_reference_rows`); more rows amortise the copy.
-STREAM_MAX_ROWS = 64
-#: Elements of one float64 chunk of the points in that streamed recomputation (4 MiB: cache-sized, and
-#: few enough chunks that the per-op cost of a shared machine stays small).
+#: Bytes of working memory that the float64 recomputation of failing rows (:func:`_reference_rows`) and
+#: the mean of the points (:func:`column_mean`) may take beyond the input and its centred copy, whatever
+#: N: float64 chunks of the points, the query rows and their distance tile. ``GELORA_CHUNK_BYTES``
+#: overrides it (bytes; e.g. ``268435456`` for 256 MiB).
+CHUNK_BYTES = 1 << 30
+#: Elements of one float64 chunk of the points per 64 query rows in that recomputation (4 MiB: cache-
+#: sized for a handful of rows, measured on a 2-core AVX2 box; more rows take proportionally larger chunks).
 STREAM_CHUNK_ELEMS = 1 << 19
 #: Elements of one (rows, points, D) float64 difference block of the brute-force search that the float64
 #: reference runs for rows it cannot certify (32 MiB).
 BRUTE_CHUNK_ELEMS = 1 << 22
+
+
+def chunk_bytes() -> int:
+    """:data:`CHUNK_BYTES`, or ``GELORA_CHUNK_BYTES`` when set (at least 1 MiB)."""
+    env = os.environ.get("GELORA_CHUNK_BYTES", "").strip()
+    if env:
+        try:
+            return max(1 << 20, int(float(env)))
+        except ValueError as exc:
+            raise ValueError(f"GELORA_CHUNK_BYTES must be a number of bytes, got {env!r}") from exc
+    return CHUNK_BYTES
+
+
+def column_mean(x: torch.Tensor) -> torch.Tensor:
+    """(D,) float64 column mean of the (N, D) points ``x`` (any float dtype and device), summed chunk by
+    chunk so that no float64 copy of all the points is made (a chunk of at most an eighth of
+    :func:`chunk_bytes`)."""
+    n, d = x.shape
+    step = max(1, chunk_bytes() // (8 * 8 * max(1, d)))
+    acc = torch.zeros(d, dtype=torch.float64, device=x.device)
+    for s in range(0, n, step):
+        acc += x[s : s + step].sum(dim=0, dtype=torch.float64)
+    return acc / max(1, n)
 
 
 def centre(
@@ -81,9 +111,10 @@ def centre_and_mean(
             m = mean.numpy()
         return torch.from_numpy(core.centre(arr, m, n_threads=nt)), mean
     if mean is None:
-        mean = x.mean(dim=0, dtype=torch.float64)
+        mean = column_mean(x.detach())
     mean = mean.detach().to(device=x.device, dtype=torch.float64)
-    return (x.to(compute_dtype) - mean.to(compute_dtype)).contiguous(), mean
+    xc = x.detach().to(compute_dtype, memory_format=torch.contiguous_format, copy=True)
+    return xc.sub_(mean.to(compute_dtype)), mean
 
 
 def direct_sq_dist(
@@ -160,8 +191,7 @@ def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]
     scale = power_of_two_scale(xt, torch.float64)
     if scale != 1.0:
         xt = xt * scale
-    xc64 = centre(xt, torch.float64)
-    d2, idx = _reference_rows(xt, torch.arange(xt.shape[0], device=xt.device), k, xc=xc64)
+    d2, idx = _reference_rows(xt, torch.arange(xt.shape[0], device=xt.device), k, mean=column_mean(xt))
     return unscale_distances(d2.clamp_min(0).sqrt(), scale), idx
 
 
@@ -343,79 +373,106 @@ def _reference_rows(
     xc: Optional[torch.Tensor] = None,
     mean: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact float64 k-NN for the query rows ``rows`` of the points ``x`` (self excluded by index).
+    """Exact float64 k-NN for the query rows ``rows`` of the points ``x`` (self excluded by index),
+    streamed: no float64 copy of all the points.
 
-    Candidates from the float64 shortcut on the points centred, re-ranked by direct float64 distances
-    of the points ``x`` themselves (any float dtype, converted exactly a chunk at a time) and certified
-    like the engines' (:func:`float64_floor`: the row's k-th direct distance lies below the smallest
-    direct distance any non-candidate can have); a row that fails gets :func:`_brute_rows`, whose
-    answer replaces the candidates' only where their distances differ. Ties keep the order of the
-    stable sort of the candidates (by index in a replaced row).
+    Candidates from the float64 shortcut on the points centred, kept as a running top-``kc`` per row
+    over float64 chunks of the points; re-ranked by direct float64 distances of the points ``x``
+    themselves (any float dtype, converted exactly a chunk at a time) and certified like the engines'
+    (:func:`float64_floor`: the row's k-th direct distance lies below the smallest direct distance any
+    non-candidate can have); a row that fails gets :func:`_brute_rows`, whose answer replaces the
+    candidates' only where their distances differ. Ties are broken by index (the candidates are
+    sorted by index before the stable sort of their distances).
 
-    Centring: ``xc`` is the centred copy of ``x`` when the caller has one (``fl(x - m~)`` with one rounded
-    mean for every row, float32 or float64: :func:`centre`), ``mean`` the (D,) float64 mean. The float64
-    shortcut runs on ``xc`` when it is float64, else on ``x - mean`` centred in float64 here (``mean``
-    computed when not given); with neither, on ``x`` itself (nothing centred, nothing to account for).
+    Centring: ``mean`` is the (D,) float64 mean; the shortcut runs on ``x - mean`` centred in float64
+    a chunk at a time. ``xc``: a centred copy of ``x`` when the caller has one; a float64 one is used
+    as it is (no centring here), another dtype is ignored (centring it into float32 has rounded it).
+    With neither, ``mean`` is computed (:func:`column_mean`) when ``xc`` was given, else the shortcut
+    runs on ``x`` itself (nothing centred, nothing to account for).
 
-    A few failing rows of float32 points on the CPU are first tried against float64 chunks of the
-    points (:func:`_reference_rows_streamed`, on float32 ``xc`` as it is): a float64 copy of all the
-    points costs more than the arithmetic of a handful of rows (a 25 MB copy and its squared norms at
-    4096 x 768). Every other case, and any row that try cannot certify, takes the float64 copy.
+    Memory: rows are taken in blocks and the points in chunks so that the float64 query block, one
+    float64 chunk and their distance tile stay within :func:`chunk_bytes`, whatever N; each block
+    reads the points once more (about ``M / 1024`` passes, fewer for small D).
 
     Returns:
         (M, k) float64 *squared* distances, ascending, and (M, k) int64 indices.
     """
     n, d = x.shape
-    # query rows per block: the (block, N) float64 distance block stays within 64 MiB
-    block = max(1, min(1024, (64 << 20) // max(1, 8 * n)))
-    few = 0 < rows.shape[0] <= min(STREAM_MAX_ROWS, block)
-    if few and x.device.type == "cpu" and x.dtype != torch.float64:
-        found = _reference_rows_streamed(x, rows, k, xc=xc, mean=mean)
-        if found is not None:
-            return found
-    centred = xc is not None or mean is not None
+    m = rows.shape[0]
+    dev = x.device
     if xc is not None and xc.dtype == torch.float64:
-        xc64 = xc
-    elif not centred:
-        xc64 = x.to(torch.float64)
+        src, sub, centred = xc, None, True
+    elif xc is not None or mean is not None:
+        src, centred = x, True
+        sub = (column_mean(x) if mean is None else mean).to(device=dev, dtype=torch.float64)
     else:
-        if mean is None:
-            mean = x.mean(dim=0, dtype=torch.float64)
-        mean = mean.to(device=x.device, dtype=torch.float64)
-        if x.dtype == torch.float64:
-            xc64 = x - mean
-        else:
-            xc64 = x.to(torch.float64)
-            xc64.sub_(mean)
-    sq = (xc64 * xc64).sum(1)
-    sq_max = sq.max()
+        src, sub, centred = x, None, False
     kc = min(n - 1, k + EXTRA_CANDIDATES)
-    out_d = torch.empty(rows.shape[0], k, dtype=torch.float64, device=x.device)
-    out_i = torch.empty(rows.shape[0], k, dtype=torch.int64, device=x.device)
-    for s in range(0, rows.shape[0], block):
+    out_d = torch.empty(m, k, dtype=torch.float64, device=dev)
+    out_i = torch.empty(m, k, dtype=torch.int64, device=dev)
+    if m == 0:
+        return out_d, out_i
+    budget = chunk_bytes() // 8  # float64 elements
+    # query rows per block: the block takes at most a quarter of the budget
+    block = max(1, min(m, 1024, budget // (4 * max(1, d))))
+    # points per chunk: cache-sized for few rows, larger for more; the chunk, its tile and the merge
+    # buffers share the rest of the budget
+    want = max(1, STREAM_CHUNK_ELEMS // max(1, d)) * max(1, block // 64)
+    cap = max(1, (budget - block * d) // (d + 2 * block + 2 * kc))
+    step = max(min(n, kc + 1), min(n, want, cap))
+    sq_max = None
+    for s in range(0, m, block):
         r = rows[s : s + block]
-        d2 = sq[r].unsqueeze(1) + sq.unsqueeze(0) - 2.0 * (xc64[r] @ xc64.T)
-        d2[torch.arange(r.shape[0], device=x.device), r] = float("inf")
-        sc, cand = torch.topk(d2, kc, dim=1, largest=False)
-        del d2
-        # re-rank the float64 candidates directly as well, so the reference is exact for duplicates
+        b = r.shape[0]
+        q = src[r].to(torch.float64, copy=True)  # (gathered: a copy already, but never in place)
+        if sub is not None:
+            q.sub_(sub)
+        sq_q = (q * q).sum(1)
+        best_d = torch.full((b, kc), float("inf"), dtype=torch.float64, device=dev)
+        best_i = torch.full((b, kc), -1, dtype=torch.int64, device=dev)
+        top = torch.zeros((), dtype=torch.float64, device=dev)
+        for c0 in range(0, n, step):
+            c1 = min(n, c0 + step)
+            if sub is not None:  # a float64 copy (never the caller's float64 points in place)
+                kb = src[c0:c1].to(torch.float64, copy=True).sub_(sub)
+            else:
+                kb = src[c0:c1].to(torch.float64)
+            sk = (kb * kb).sum(1)
+            top = torch.maximum(top, sk.max())
+            tile = torch.addmm(sk.unsqueeze(0), q, kb.T, beta=1.0, alpha=-2.0)
+            del kb
+            tile.add_(sq_q.unsqueeze(1))
+            hit = torch.nonzero((r >= c0) & (r < c1)).flatten()
+            if hit.numel():
+                tile[hit, r[hit] - c0] = float("inf")  # the row itself, by index
+            kk = min(kc, c1 - c0)
+            td, ti = torch.topk(tile, kk, dim=1, largest=False)
+            del tile
+            cd = torch.cat([best_d, td], 1)
+            ci = torch.cat([best_i, ti + c0], 1)
+            best_d, sel = torch.topk(cd, kc, dim=1, largest=False, sorted=True)
+            best_i = torch.gather(ci, 1, sel)
+        sq_max = top if sq_max is None else sq_max
+        sc = best_d
+        # candidates by index, then a stable sort of their direct distances: ties by index
+        cand = torch.sort(best_i, dim=1).values
         exact = direct_sq_dist(x, r, cand, dtype=torch.float64)
         exact, order = torch.sort(exact, dim=1, stable=True)
-        best_d = exact[:, :k].clone()
-        best_i = torch.gather(cand, 1, order)[:, :k]
+        bd_k = exact[:, :k].clone()
+        bi_k = torch.gather(cand, 1, order)[:, :k]
         if kc < n - 1:
             # "not <" also catches NaN
-            floor = float64_floor(sc[:, -1], sq[r], sq_max, d, torch.float64 if centred else None)
-            unsure = torch.nonzero(~(best_d[:, -1] < floor)).flatten()
+            floor = float64_floor(sc[:, -1], sq_q, sq_max, d, torch.float64 if centred else None)
+            unsure = torch.nonzero(~(bd_k[:, -1] < floor)).flatten()
             if unsure.numel():
                 bd, bi = _brute_rows(x, r[unsure], k)
                 # where the candidates already had the k smallest distances (a tie with a
                 # non-candidate, e.g. on a lattice), their indices are as good: keep them
-                wrong = (bd != best_d[unsure]).any(dim=1)
-                best_d[unsure[wrong]] = bd[wrong]
-                best_i[unsure[wrong]] = bi[wrong]
-        out_d[s : s + block] = best_d
-        out_i[s : s + block] = best_i
+                wrong = (bd != bd_k[unsure]).any(dim=1)
+                bd_k[unsure[wrong]] = bd[wrong]
+                bi_k[unsure[wrong]] = bi[wrong]
+        out_d[s : s + block] = bd_k
+        out_i[s : s + block] = bi_k
     return out_d, out_i
 
 
@@ -485,69 +542,6 @@ def _smallest_by_index(d2: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Te
     val, order = torch.sort(pd, dim=1, stable=True)
     return val[:, :k], torch.gather(pi, 1, order[:, :k])
 
-
-
-def _reference_rows_streamed(
-    x: torch.Tensor,
-    rows: torch.Tensor,
-    k: int,
-    *,
-    xc: Optional[torch.Tensor] = None,
-    mean: Optional[torch.Tensor] = None,
-) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`_reference_rows` for a few rows (one query block) without a float64 copy of all of ``x``,
-    or None.
-
-    The float64 shortcut distances of the rows are computed against float64 chunks of the centred
-    points (``xc`` as it is, converted exactly, when given: no extra pass; else ``x - mean``, else ``x``),
-    so only one chunk and the rows' candidates are ever float64; the certification accounts for the
-    rounding of the centring in the dtype of ``xc`` (:func:`float64_floor`). The answer must be the one
-    of the full copy bit for bit, and the shortcut itself is not: the GEMM's rounding depends on its
-    shape (the float64 products of a column chunk differ from those of all columns in the last bits),
-    and the full copy centres in float64. So the answer is returned only where it is the unique exact
-    one: every row passes the certification against its own shortcut, and its first k + 1 direct
-    distances are distinct. The full copy's answer is exact as well (certified, or brute force), and
-    the direct distances are the same computation on the same float64 values in both paths, so both
-    are that one answer. Otherwise None: the caller takes the full copy (exact ties, e.g. duplicate
-    rows, or points too far from the mean for the shortcut to separate their neighbours: rare among a
-    handful of failing rows).
-    """
-    n, d = x.shape
-    m = rows.shape[0]
-    kc = min(n - 1, k + EXTRA_CANDIDATES)
-    src = x if xc is None else xc
-    sub = mean.to(torch.float64) if xc is None and mean is not None else None
-    centred = xc.dtype if xc is not None else (torch.float64 if sub is not None else None)
-    q = src[rows].to(torch.float64)
-    if sub is not None:
-        q -= sub
-    sq_q = (q * q).sum(1)
-    d2 = torch.empty(m, n, dtype=torch.float64)
-    sq = torch.empty(n, dtype=torch.float64)
-    step = max(1, min(n, STREAM_CHUNK_ELEMS // max(1, d)))
-    buf = torch.empty(step, d, dtype=torch.float64)
-    tmp = torch.empty(step, d, dtype=torch.float64)
-    for s in range(0, n, step):
-        e = min(n, s + step)
-        kb, t = buf[: e - s], tmp[: e - s]
-        kb.copy_(src[s:e])
-        if sub is not None:
-            kb.sub_(sub)
-        torch.sum(torch.mul(kb, kb, out=t), 1, out=sq[s:e])
-        torch.addmm(sq[s:e].unsqueeze(0), q, kb.T, beta=1.0, alpha=-2.0, out=d2[:, s:e])
-    d2.add_(sq_q.unsqueeze(1))
-    d2[torch.arange(m), rows] = float("inf")
-    sc, cand = torch.topk(d2, kc, dim=1, largest=False)
-    exact = direct_sq_dist(x, rows, cand, dtype=torch.float64)
-    exact, order = torch.sort(exact, dim=1, stable=True)
-    ok = torch.ones(m, dtype=torch.bool)
-    if kc > 1:
-        ok &= (exact[:, 1 : min(kc, k + 1)] > exact[:, : min(kc, k + 1) - 1]).all(dim=1)
-    if kc < n - 1:
-        ok &= exact[:, k - 1] < float64_floor(sc[:, -1], sq_q, sq.max(), d, centred)
-    if not bool(ok.all()):
-        return None
-    return exact[:, :k].clone(), torch.gather(cand, 1, order)[:, :k]
 
 
 def _uncertified(

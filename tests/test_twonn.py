@@ -73,14 +73,13 @@ def test_low_precision_inputs(dtype):
 
 
 @pytest.mark.parametrize("mode", ["plain", "mean", "xc"])
-def test_float64_fallback_of_a_few_rows_is_the_full_copy_bit_for_bit(monkeypatch, mode):
-    """A few failing rows are recomputed against float64 chunks of the points, not a float64 copy of
-    all of them, and give the full copy's answer bit for bit; on an exact tie (a row present three
-    times) the streamed try cannot certify the order and hands back to the full copy. ``mode``:
-    "plain" already centred points, nothing else; "mean" the points as given with their float64 mean
-    (centred in float64 in both paths); "xc" the points, their float32 centred copy and the mean (what
-    knn_exact passes: the streamed try runs its shortcut on the float32 copy, the full copy centres in
-    float64)."""
+def test_float64_recomputation_is_streamed_and_exact(monkeypatch, mode):
+    """Failing rows are recomputed against float64 chunks of the points (no float64 copy of all of
+    them): the answer does not depend on the chunking (several row blocks and ragged chunks against
+    one block and one chunk, bit for bit), the distances are the direct float64 ones of the points as
+    given, and exact ties (a row present three times) are broken by index. ``mode``: "plain" already
+    centred points, nothing else; "mean" the points as given with their float64 mean; "xc" the points,
+    their float32 centred copy and the mean (what knn_exact passes)."""
     from gelora import knn
 
     g = torch.Generator().manual_seed(11)
@@ -93,28 +92,24 @@ def test_float64_fallback_of_a_few_rows_is_the_full_copy_bit_for_bit(monkeypatch
         return pts, (dict(xc=xc, mean=mean) if mode == "xc" else dict(mean=mean))
 
     xs, kw = args(x)
-    rows = torch.randperm(1500, generator=g)[:9]
-    monkeypatch.setattr(knn, "STREAM_CHUNK_ELEMS", 97 * 113)  # 14 chunks, the last one short
+    rows = torch.randperm(1500, generator=g)[:300]
     for k in (1, 2, 5):
-        assert knn._reference_rows_streamed(xs, rows, k, **kw) is not None
-        got = knn._reference_rows(xs, rows, k, **kw)
+        want = knn._reference_rows(xs, rows, k, **kw)  # default: one block, one chunk here
         with monkeypatch.context() as m:
-            m.setattr(knn, "STREAM_MAX_ROWS", 0)
-            want = knn._reference_rows(xs, rows, k, **kw)
+            m.setattr(knn, "STREAM_CHUNK_ELEMS", 97 * 113)
+            m.setattr(knn, "chunk_bytes", lambda: 8 * 97 * 4 * 64)  # 64-row blocks, 79-row chunks
+            got = knn._reference_rows(xs, rows, k, **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-        # squared float64 distances of the points given, directly
+        # squared float64 distances of the points given, directly, and the brute-force ones
         assert torch.equal(got[0], knn.direct_sq_dist(xs, rows, got[1], dtype=torch.float64))
-    # rows[:3] appear three times (two neighbours at exactly 0: a tie), rows[3:] twice (no tie)
-    xd, kw = args(torch.cat([x, x[rows], x[rows[:3]]]))
-    assert knn._reference_rows_streamed(xd, rows[:3], 2, **kw) is None
-    assert knn._reference_rows_streamed(xd, rows[3:], 2, **kw) is not None
-    d, i = knn._reference_rows(xd, rows, 2, **kw)
+        bd, bi = _brute_knn(xs, k)
+        torch.testing.assert_close(got[0].sqrt(), bd[rows], rtol=1e-13, atol=0.0)
+    # rows[:3] appear three times (two neighbours at exactly 0: a tie), rows[3:9] twice (no tie)
+    xd, kw = args(torch.cat([x, x[rows[:9]], x[rows[:3]]]))
+    d, i = knn._reference_rows(xd, rows[:9], 2, **kw)
     assert bool((d[:3] == 0).all()) and bool((d[3:, 0] == 0).all())
     assert torch.equal(i[3:, 0], torch.arange(1503, 1509))
-    with monkeypatch.context() as m:
-        m.setattr(knn, "STREAM_MAX_ROWS", 0)
-        want = knn._reference_rows(xd, rows, 2, **kw)
-    assert torch.equal(d, want[0]) and torch.equal(i, want[1])
+    assert torch.equal(i[:3], torch.stack([torch.arange(1500, 1503), torch.arange(1509, 1512)], 1))
 
 
 def _far_clusters(n=600, d=64, seed=1):
@@ -153,7 +148,7 @@ def test_reference_exact_where_the_float64_shortcut_cannot_rank(dtype, monkeypat
     assert torch.equal(knn.direct_sq_dist(x.double(), None, idx).sqrt(), want_d)
     assert not bool((idx == torch.arange(x.shape[0]).unsqueeze(1)).any())
     assert bool((idx[:, 0] != idx[:, 1]).all())
-    # a few rows (for float32 points the streamed try first), and the brute force in small blocks
+    # a few rows, and the brute force in small blocks
     rows = torch.arange(0, 600, 37)
     monkeypatch.setattr(knn, "BRUTE_CHUNK_ELEMS", 64 * 37)
     calls.clear()
@@ -410,3 +405,52 @@ def test_result_is_float_convertible():
     r = gelora.twonn(x)
     assert float(r) == r.id == gelora.estimate_id(x)
     assert r.mu.shape == (500,) and bool((r.mu >= 1).all())
+
+
+_PEAK_SCRIPT = r"""
+import resource, sys, torch
+torch.set_num_threads(1)
+from gelora import knn
+n, d = 1_000_000, 64
+x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
+rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:100]
+mean = knn.column_mean(x)
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+d2, idx = knn._reference_rows(x, rows, 2, mean=mean)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# spot check against brute force for a few rows
+bd, bi = knn.brute_knn(x[rows[:3]], x, 2, rows[:3])
+assert torch.equal(d2[:3], bd), (d2[:3], bd)
+print("EXTRA_KB", peak - base)
+"""
+
+
+def test_float64_recomputation_memory_is_bounded(tmp_path):
+    """1M x 64 float32 points, 100 failing rows, a 64 MiB chunk budget: the float64 recomputation's peak
+    extra memory stays within the budget plus a little (a float64 copy of the points alone is 512 MB)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, GELORA_CHUNK_BYTES=str(64 << 20), OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    extra_mb = int(out.stdout.split("EXTRA_KB")[1]) / 1024
+    assert extra_mb < 64 + 48, extra_mb
+
+
+def test_column_mean_and_inputs_untouched():
+    """The chunked float64 mean is the mean, and no search modifies the caller's points (float64 points
+    are centred in copies, never in place)."""
+    from gelora import knn
+
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(700, 13, generator=g, dtype=torch.float64) * 5 + 1e3
+    keep = x.clone()
+    torch.testing.assert_close(knn.column_mean(x), x.mean(0), rtol=1e-14, atol=0.0)
+    gelora.knn_reference(x, 2)
+    knn._reference_rows(x, torch.arange(0, 700, 7), 3, mean=x.mean(0))
+    gelora.twonn(x)
+    gelora.knn2(x, backend="torch")
+    assert torch.equal(x, keep)
