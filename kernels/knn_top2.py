@@ -357,6 +357,14 @@ def _sq_norms(op: torch.Tensor, n: int) -> torch.Tensor:
     return op[:n].float().square().sum(dim=1)
 
 
+def free_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on ``device`` can take: what the driver reports free plus what torch's
+    caching allocator holds but does not use (``mem_get_info`` alone counts the cache as taken, so a
+    second search in the same process would see its predecessor's freed blocks as gone)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free) + max(0, torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 def _choose_super(m: int, cfg: TileConfig, device: torch.device, kcp: int, n_other: int) -> int:
     """Rows per super-block: about one super-block per multiprocessor (so the diagonal launch fills
     the device and the off-diagonal one has ~n_sm^2/2 programs), within a memory budget for the
@@ -365,8 +373,7 @@ def _choose_super(m: int, cfg: TileConfig, device: torch.device, kcp: int, n_oth
     n_sm = _n_sms(device)
     target = max(1, n_sm)
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 6
+        budget = free_bytes(device) // 6
         per_slot = max(1, n_other) * kcp * 8
         target = max(1, min(target, budget // per_slot))
     return max(align, _round_up(-(-m // target), align))

@@ -155,6 +155,17 @@ def _worker(rank, world, port, outdir, backend):
             _same_result(rf, gelora.twonn(far, backend="torch"), rtol=1e-6)
             done.append("float64_fallback")
 
+            # massive activations: 1% of the rows with one coordinate +3000 (a tight cluster, on both
+            # ranks): the per-row window keeps the other rows certified in the sharded search too
+            g = torch.Generator().manual_seed(6)
+            xo = torch.randn(600, 4, generator=g) @ torch.randn(4, 24, generator=g)
+            xo += 0.05 * torch.randn(600, 24, generator=g)
+            xo[torch.randperm(600, generator=g)[:6], 5] += 3000.0
+            ro = twonn_distributed(xo[rank * 300:(rank + 1) * 300])
+            assert ro.n_fixed <= 6 + 6, ro.n_fixed
+            _same_result(ro, gelora.twonn(xo, backend="torch"), rtol=1e-6)
+            done.append("outliers")
+
             # float64 far clusters: rows even the float64 shortcut cannot rank get the brute-force
             # ring pass; distances are those of the points given, as in one process, bit for bit
             import gelora.distributed as gd
@@ -222,7 +233,7 @@ def test_sharded_knn_and_twonn_match_one_process(tmp_path):
         pytest.skip("torch.distributed is not available")
     out = _spawn(tmp_path, None)
     expected = ["knn", "twonn", "estimators", "float64", "empty_shard", "group", "mask",
-                "float64_fallback", "far_exact", "bad_input"]
+                "float64_fallback", "outliers", "far_exact", "bad_input"]
     for r in out:
         assert r["done"] == expected, r["done"]
     assert out[0]["ids"] == out[1]["ids"]  # bit-identical on every rank

@@ -256,7 +256,7 @@ def _chunk_rows(n: int, d: int, precision: str, kc: int, dev: torch.device, resi
         return max(1, int(env))
     if dev.type != "cuda":
         return n
-    free, _ = torch.cuda.mem_get_info(dev)
+    free = _kernels().free_bytes(dev)  # the caching allocator's unused blocks count as free
     es = torch.finfo(_OP_DTYPE[precision]).bits // 8
     per_row = d * es + 8 * 160 * kc + 64        # operand + candidate slots + statistics
     if not resident:
