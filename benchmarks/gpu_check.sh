@@ -46,7 +46,7 @@ try:
     import triton; print("triton", triton.__version__)
 except Exception as e:
     print("triton not importable:", e)
-from gelora.backends import describe
+from gelora.knn.engines import describe
 for name, usable, reasons, _ in describe():
     print(f"  backend {name:7s} usable={usable} {'; '.join(reasons)[:160]}")
 EOF

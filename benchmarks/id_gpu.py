@@ -213,8 +213,8 @@ def print_table(title: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 def check_correctness(n: int, d: int, dtype: torch.dtype) -> dict:
     import gelora
-    from gelora.backends.triton_backend import triton_candidates
-    from gelora.knn import centre
+    from gelora.knn.engines.triton import triton_candidates
+    from gelora.knn.points import centre
 
     x = make_data(n, d, dtype, seed=n)
     x[3] = x[11]  # a duplicate
@@ -257,8 +257,8 @@ def check_correctness(n: int, d: int, dtype: torch.dtype) -> dict:
 # ---------------------------------------------------------------------------------------------------
 def run_shape(n: int, d: int, dtypes, budget: Budget, rate_bf16: float, big: bool) -> None:
     import gelora
-    from gelora.backends.triton_backend import triton_candidates
-    from gelora.knn import centre
+    from gelora.knn.engines.triton import triton_candidates
+    from gelora.knn.points import centre
 
     shape = f"{n}x{d}"
     base = make_data(n, d, torch.float32, seed=1)
@@ -363,7 +363,7 @@ def main() -> int:
     import triton
 
     import gelora
-    from gelora.backends import all_backends
+    from gelora.knn.engines import all_backends
     from gelora.kernels import knn_top2 as kmod
 
     all_backends()  # register every engine before anything imports one backend module directly

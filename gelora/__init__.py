@@ -10,62 +10,61 @@
 """
 from __future__ import annotations
 
+import importlib
 import logging as _logging
-
-from .backends import BackendUnavailable
-from .knn import knn2, knn_reference
-from .twonn import ScaleCurve, TwoNNResult, estimate_id, id_scale_curve, twonn, unique_rows
-from .profile import ModuleProfile, ProfileResult, profile_model
-from .ranks import RankAllocation, allocate_ranks
-from .peft_bridge import adapter_ranks, lora_config, rank_costs, verify_lora_config
-from .distributed import knn2_distributed, twonn_distributed
-from .lora import (
-    LoraFuseConfig,
-    LoraFuseReport,
-    LoraGroupedLinearFunction,
-    LoraLinearFunction,
-    fuse_lora,
-    lora_grouped_linear,
-    lora_linear,
-    unfuse_lora,
-)
-from .data import DataUnavailable, TextCorpus, load_texts, vader_movie_sentences
 
 __version__ = "0.1.0"
 
 _logging.getLogger("gelora").addHandler(_logging.NullHandler())
 
-__all__ = [
-    "BackendUnavailable",
-    "DataUnavailable",
-    "LoraFuseConfig",
-    "LoraFuseReport",
-    "LoraGroupedLinearFunction",
-    "LoraLinearFunction",
-    "ModuleProfile",
-    "ProfileResult",
-    "RankAllocation",
-    "TextCorpus",
-    "adapter_ranks",
-    "allocate_ranks",
-    "load_texts",
-    "lora_config",
-    "profile_model",
-    "rank_costs",
-    "vader_movie_sentences",
-    "verify_lora_config",
-    "ScaleCurve",
-    "TwoNNResult",
-    "estimate_id",
-    "fuse_lora",
-    "lora_grouped_linear",
-    "lora_linear",
-    "unfuse_lora",
-    "id_scale_curve",
-    "knn2",
-    "knn2_distributed",
-    "twonn_distributed",
-    "knn_reference",
-    "twonn",
-    "unique_rows",
-]
+#: public name -> module that defines it; imported on first use (PEP 562), so that ``import gelora``
+#: imports neither Triton nor transformers nor peft until they are used
+_PUBLIC = {
+    "BackendUnavailable": "gelora._registry",
+    "knn2": "gelora.knn.pipeline",
+    "knn_reference": "gelora.knn.reference",
+    "TwoNNResult": "gelora.id.estimate",
+    "unique_rows": "gelora.id.dedup",
+    "ScaleCurve": "gelora.id.twonn",
+    "estimate_id": "gelora.id.twonn",
+    "id_scale_curve": "gelora.id.twonn",
+    "twonn": "gelora.id.twonn",
+    "knn2_distributed": "gelora.distributed",
+    "twonn_distributed": "gelora.distributed",
+    "ModuleProfile": "gelora.profile",
+    "ProfileResult": "gelora.profile",
+    "profile_model": "gelora.profile",
+    "RankAllocation": "gelora.ranks",
+    "allocate_ranks": "gelora.ranks",
+    "adapter_ranks": "gelora.peft_bridge",
+    "lora_config": "gelora.peft_bridge",
+    "rank_costs": "gelora.peft_bridge",
+    "verify_lora_config": "gelora.peft_bridge",
+    "LoraFuseConfig": "gelora.lora",
+    "LoraFuseReport": "gelora.lora",
+    "LoraGroupedLinearFunction": "gelora.lora",
+    "LoraLinearFunction": "gelora.lora",
+    "fuse_lora": "gelora.lora",
+    "lora_grouped_linear": "gelora.lora",
+    "lora_linear": "gelora.lora",
+    "unfuse_lora": "gelora.lora",
+    "DataUnavailable": "gelora.data",
+    "TextCorpus": "gelora.data",
+    "load_texts": "gelora.data",
+    "vader_movie_sentences": "gelora.data",
+}
+
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    mod = _PUBLIC.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'gelora' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
+from . import _env
+
 VADER_REQUIREMENT = "vaderSentiment==3.3.2"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 #: SHA-256 of the sdist as published on PyPI (checked after every download and cache hit).
@@ -71,7 +73,7 @@ class TextCorpus:
 
 def cache_dir() -> Path:
     """``$GELORA_CACHE`` or ``~/.cache/gelora`` (not created here)."""
-    env = os.environ.get("GELORA_CACHE")
+    env = _env.text("GELORA_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "gelora"
 
 

@@ -6,26 +6,27 @@ next rank, from the previous one, the next transfer overlapping the current sear
 holds at most two shards at a time: memory O(N_local D), never the whole set, never O(N^2).
 
 The ring carries the points as given. For every shard that passes, a rank centres it with the global
-mean, searches its own centred points against it with the local engine (the Triton kernel for CUDA
-tensors when the selected backend is ``"triton"``, blocked torch ``mm + topk`` otherwise), re-ranks the
+mean, searches its own centred points against it with the engine's cross search (the one engine of
+:func:`gelora.knn.engines.select_backend` with ``need=("cross",)``, the same on every rank: Triton,
+FAISS or torch; a forced engine without a cross search, such as the C++ core, raises), re-ranks the
 candidates of that shard with distances computed directly from the points as given (not the centred
-copies, as :func:`gelora.knn.knn_exact`) while the shard's vectors are there, and keeps the best ``k``
-over all shards. Certification is the one of :func:`gelora.knn.knn_exact`, per shard: a shard's
+copies, as :func:`gelora.knn.pipeline.knn_exact`) while the shard's vectors are there, and keeps the best ``k``
+over all shards. Certification is the one of :func:`gelora.knn.pipeline.knn_exact`, per shard: a shard's
 non-candidates are at least its ``kc``-th candidate value minus the error bound away (and the
-centring's rounding, :func:`gelora.knn.centring_floor`), and a row whose k-th distance is above the
+centring's rounding, :func:`gelora.knn.certify.centring_floor`), and a row whose k-th distance is above the
 smallest such floor is recomputed in float64 in a second ring pass (rare: only when some rank has such
 rows), certified in turn, with a brute-force third pass for the rows even float64's shortcut cannot
 rank (:func:`_float64_rows`).
 
 :func:`twonn_distributed` adds what the single-process :func:`gelora.twonn` does first: exact
 duplicate rows are collapsed across ranks (first occurrence in the global order wins, using
-:func:`gelora.twonn.unique_rows` on the local shard against each earlier shard), the points are
+:func:`gelora.id.dedup.unique_rows` on the local shard against each earlier shard), the points are
 centred with the global mean (one ``all_reduce``), and the estimate is computed by
-:func:`gelora.twonn.id_from_distances` on the gathered (N, 2) distances, so every rank returns the
+:func:`gelora.id.estimate.id_from_distances` on the gathered (N, 2) distances, so every rank returns the
 same :class:`gelora.TwoNNResult`, equal to the single-process result on the concatenated points.
 
 Points far from 1 are scaled by a power of two first, as :func:`gelora.knn2` and :func:`gelora.twonn`
-scale them (:func:`gelora._input.power_of_two_scale`), with one scale for all ranks (an ``all_reduce``
+scale them (:func:`gelora.knn.inputs.power_of_two_scale`), with one scale for all ranks (an ``all_reduce``
 of the largest ``|value|``); distances and ``r1_mean`` come back in the units of the points.
 
 Collectives run on CPU tensors for gloo and CUDA tensors for NCCL; rows are sent as raw bytes, so
@@ -35,25 +36,25 @@ the same dtype and D); a bad input on one rank raises on every rank (no hang).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ._input import ArrayLike, as_points, power_of_two_scale, to_tensor, unscale_distances
-from .backends import error_rows, select_backend
-from .backends.torch_backend import gemm_error_model
-from .knn import (EXTRA_CANDIDATES, brute_knn, centring_floor, competitor_radius, direct_sq_dist, float64_floor,
-                  norm_bounds)
-from .twonn import TwoNNResult, _check_estimator, id_from_distances, unique_rows
+from ._registry import BackendUnavailable
+from .id.dedup import unique_rows
+from .id.estimate import TwoNNResult, check_estimator, result_from_distances
+from .knn.certify import centring_floor, competitor_radius, float64_floor, norm_bounds
+from .knn.engines.base import KnnBackend, error_rows
+from .knn.engines.registry import PRIORITY, select_backend
+from .knn.inputs import ArrayLike, as_points, power_of_two_scale, to_tensor, unscale_distances
+from .knn.points import direct_sq_dist
+from .knn.reference import EXTRA_CANDIDATES, brute_knn
 
 __all__ = ["knn2_distributed", "twonn_distributed"]
 
-#: Query rows per block of the torch cross search (bounds the (block, shard) distance tile).
-TORCH_QUERY_BLOCK = 2048
 #: Elements of one gathered (rows, kc, D) block of the direct re-rank, on every device (the default GPU
-#: chunk of :func:`gelora.knn.direct_sq_dist`, 1 << 16 rows, is a multi-GiB temporary for a large shard).
+#: chunk of :func:`gelora.knn.points.direct_sq_dist`, 1 << 16 rows, is a multi-GiB temporary for a large shard).
 RERANK_ELEMS = 1 << 22
 
 
@@ -175,67 +176,6 @@ def _check_shapes(g: _Group, x: torch.Tensor) -> None:
                          + ", ".join(f"rank {r}: D={int(o[0])} dtype#{int(o[1])}" for r, o in enumerate(out)))
 
 
-# ---------------------------------------------------------------------------------------------------
-# Cross search of the local queries against one shard
-# ---------------------------------------------------------------------------------------------------
-class _TorchCross:
-    """Blocked mm + topk of the queries against a shard (float32, float64 for float64 input)."""
-
-    name = "torch"
-
-    def __init__(self, q: torch.Tensor) -> None:
-        self.q = q
-        self.sq = (q * q).sum(1)
-
-    def search(self, keys: torch.Tensor, kc: int, q_off: int, k_off: int):
-        q = self.q
-        sk = (keys * keys).sum(1)
-        n = q.shape[0]
-        out_d = torch.empty(n, kc, dtype=q.dtype, device=q.device)
-        out_i = torch.empty(n, kc, dtype=torch.int64, device=q.device)
-        for s in range(0, n, TORCH_QUERY_BLOCK):
-            e = min(n, s + TORCH_QUERY_BLOCK)
-            tile = torch.addmm(sk.unsqueeze(0), q[s:e], keys.T, beta=1.0, alpha=-2.0)
-            tile.add_(self.sq[s:e].unsqueeze(1))
-            rows = torch.arange(s, e, device=q.device) + q_off - k_off
-            hit = (rows >= 0) & (rows < keys.shape[0])
-            if bool(hit.any()):
-                r = torch.nonzero(hit).flatten()
-                tile[r, rows[r]] = float("inf")
-            d, i = torch.topk(tile, kc, dim=1, largest=False, sorted=True)
-            out_d[s:e] = d
-            out_i[s:e] = i
-        # the probabilistic fp32/fp64 GEMM bound, per pair (evaluated at each row's window)
-        return out_d, out_i, gemm_error_model(self.sq, q.shape[1], q.dtype)
-
-
-class _TritonCross:
-    """The Triton kernel (rows-only launch) of the local queries against a shard."""
-
-    name = "triton"
-
-    def __init__(self, q: torch.Tensor, scale: float) -> None:
-        from .backends import triton_backend as tb  # noqa: PLC0415
-        from gelora.kernels import knn_top2 as k  # noqa: PLC0415
-
-        self.tb, self.k = tb, k
-        self.precision = tb.default_precision()
-        self.scale = scale
-        self.align = k.GPU_ALIGN if q.device.type == "cuda" else k.default_config(q.device).align
-        self.qs = tb.prepare_operand(q, self.precision, scale, self.align)
-
-    def search(self, keys: torch.Tensor, kc: int, q_off: int, k_off: int):
-        tb = self.tb
-        ks = tb.prepare_operand(keys, self.precision, self.scale, self.align)
-        d, i = tb.triton_cross(self.qs, ks, kc, q_offset=q_off, k_offset=k_off, precision=self.precision)
-        d = d * (self.scale * self.scale)
-        dim_pad = self.k._round_up(keys.shape[1], self.k.K_ALIGN)
-        err = tb.tile_error_bound(torch.where(torch.isfinite(d[:, -1]), d[:, -1], torch.zeros_like(d[:, -1])),
-                                  self.qs, tb.KeyIndex.build(ks.norm, ks.eps), self.scale, self.precision,
-                                  dim_pad, keys.device.type == "cuda")
-        return d.to(torch.float64 if keys.dtype == torch.float64 else torch.float32), i, err
-
-
 def _merge(best_d, best_i, new_d, new_i, k):
     """Keep the k smallest (distance, global index) pairs per row (ties broken by the index)."""
     d = torch.cat([best_d, new_d], 1)
@@ -247,14 +187,14 @@ def _merge(best_d, best_i, new_d, new_i, k):
 
 
 def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tensor, sizes: List[int], k: int,
-                 engine_name: str) -> Tuple[torch.Tensor, torch.Tensor, int, str]:
+                 engine: KnnBackend) -> Tuple[torch.Tensor, torch.Tensor, int, str]:
     """k nearest neighbours (global indices) of the local rows ``xt`` among all ranks' rows.
 
     ``xc`` is the local shard centred with the global float64 ``mean`` (:func:`_centre_global`). The
     ring carries the points as given; every rank centres a shard it receives the same way, searches
     the centred copy with its engine, and re-ranks the candidates with direct distances of the points
-    as given (as :func:`gelora.knn.knn_exact`, whose certification it repeats per shard, with the
-    centring term of :func:`gelora.knn.centring_floor`).
+    as given (as :func:`gelora.knn.pipeline.knn_exact`, whose certification it repeats per shard, with the
+    centring term of :func:`gelora.knn.certify.centring_floor`).
 
     Returns squared distances (n_local, k) (float32, float64 for float64 points), indices
     (n_local, k) int64, the number of rows recomputed in float64 on all ranks, and the engine used.
@@ -263,22 +203,14 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     offsets = [sum(sizes[:r]) for r in range(g.world)]
     my_off = offsets[g.rank]
     total = sum(sizes)
-    kc = min(total - 1, k + EXTRA_CANDIDATES)
+    kc = min(total - 1, k + engine.extra_candidates)
     cdt = xc.dtype
     m_c = mean.to(device=xc.device, dtype=cdt)
-    can = engine_name == "triton" and (n == 0 or xc.device.type == "cuda" or _interp())
-    # every rank must take the same path (the Triton path has a collective of its own)
-    use_triton = int(g.all_reduce(torch.tensor([int(can)], dtype=torch.int64), dist.ReduceOp.MIN)) == 1
-    if use_triton:
-        from .backends.triton_backend import default_precision, operand_scale  # noqa: PLC0415
-
-        local_top = torch.tensor([float(xc.abs().max()) if xc.numel() else 0.0], dtype=torch.float64)
-        top = float(g.all_reduce(local_top, dist.ReduceOp.MAX))
-        scale = operand_scale(torch.tensor([top]), default_precision())
-        engine = _TritonCross(xc, scale) if n else None
-    else:
-        engine = _TorchCross(xc) if n else None
-    name = "triton" if use_triton else "torch"
+    # one bound on |value| for all ranks: engines that round their operands (the Triton tiles) then
+    # round every shard alike
+    local_top = torch.tensor([float(xc.abs().max()) if xc.numel() else 0.0], dtype=torch.float64)
+    top = float(g.all_reduce(local_top, dist.ReduceOp.MAX))
+    name = engine.name
     # upper bounds on the norms of the local centred rows, for the centring term
     q_norm = norm_bounds(torch.linalg.vector_norm(xc, dim=1).square_(), d) if n else None
 
@@ -300,7 +232,7 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
             return
         # the shard centred as _centre_global centres every rank's points (bit for bit)
         keys_c = xc if own else (keys.to(cdt) - m_c).contiguous()
-        d_apx, i_loc, err = engine.search(keys_c, kcs, my_off, k_off)
+        d_apx, i_loc, err, _ = engine.cross_search(xc, keys_c, kcs, q_offset=my_off, k_offset=k_off, top=top)
         # -1 marks a missing candidate: any valid index stands in, the result is masked below
         exact = direct_sq_dist(xt, None, i_loc.clamp_min(0), keys, chunk_elems=RERANK_ELEMS, dtype=cdt)
         exact = torch.where(i_loc >= 0, exact, torch.full_like(exact, inf))
@@ -313,7 +245,7 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     _ring(g, xt, sizes, visit)
 
     if n:
-        # the certification of gelora.knn._uncertified, per shard: a key beyond the row's window
+        # the certification of gelora.knn.certify.uncertified_rows, per shard: a key beyond the row's window
         # (competitor_radius) cannot undercut its k-th distance, every other key's error is bounded at
         # the window, so a few outlier rows on any rank do not loosen the other rows' bounds
         kth = best_d[:, -1].to(torch.float64)
@@ -337,15 +269,15 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
 
 def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.Tensor, sizes, offsets, k):
     """Exact float64 k-NN (squared distances, global indices) of the local rows ``rows`` of the points
-    ``xt`` against every shard: :func:`gelora.knn._reference_rows` over the ring.
+    ``xt`` against every shard: :func:`gelora.knn.reference.reference_rows` over the ring.
 
     A second ring pass finds float64 shortcut candidates per shard (the points centred in float64 with
     the global ``mean``), re-ranks them by direct float64 distances of the points as given, and bounds
-    each shard's non-candidates from below (:func:`gelora.knn.float64_floor`, with the shard's largest
+    each shard's non-candidates from below (:func:`gelora.knn.certify.float64_floor`, with the shard's largest
     norm). Rows whose k-th distance is not below the smallest such floor (points far from the mean
     relative to their neighbour distances, where even float64 cannot rank through the shortcut) get a
     third ring pass on every rank: a brute-force direct-difference search against every shard
-    (:func:`gelora.knn.brute_knn`), which replaces their answer where the distances differ. Ties by
+    (:func:`gelora.knn.reference.brute_knn`), which replaces their answer where the distances differ. Ties by
     global index. Every rank takes part in both passes, rows or not.
     """
     q = xt[rows].to(torch.float64)
@@ -412,33 +344,36 @@ def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.T
 
         _ring(g, xt, sizes, brute)
         # where the candidates already had the k smallest distances (a tie with a non-candidate),
-        # their indices are as good: keep them (as gelora.knn._reference_rows does)
+        # their indices are as good: keep them (as gelora.knn.reference.reference_rows does)
         wrong = (bd != best_d[unsure]).any(dim=1)
         best_d[unsure[wrong]] = bd[wrong]
         best_i[unsure[wrong]] = bi[wrong]
     return best_d, best_i
 
 
-def _interp() -> bool:
-    import os  # noqa: PLC0415
-
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> str:
-    """The engine name on this rank (a forced backend that cannot run raises on every rank)."""
+def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> KnnBackend:
+    """The engine of the ring, the same on every rank: the forced one, else the first that can search this
+    rank's shard and cross-search others (:func:`gelora.knn.engines.select_backend` with
+    ``need=("cross",)``). A forced engine that cannot, or ranks that would pick different engines,
+    raise on every rank."""
     error = None
-    name = backend or "torch"
+    engine = None
     try:
-        name = select_backend(xt, backend).name
+        engine = select_backend(xt, backend, need=("cross",))
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
     g.agree(error)
-    return name
+    code = torch.tensor([PRIORITY.index(engine.name)], dtype=torch.int64)
+    lo = int(g.all_reduce(code.clone(), dist.ReduceOp.MIN))
+    hi = int(g.all_reduce(code.clone(), dist.ReduceOp.MAX))
+    if lo != hi:
+        raise BackendUnavailable(f"the ranks chose different kNN engines ({PRIORITY[lo]} ... {PRIORITY[hi]}); "
+                                 "force one with backend=")
+    return engine
 
 
 def _agreed_scale(g: _Group, x: torch.Tensor) -> float:
-    """:func:`gelora._input.power_of_two_scale` of all ranks' points together: the largest ``|value|``
+    """:func:`gelora.knn.inputs.power_of_two_scale` of all ranks' points together: the largest ``|value|``
     over the ranks (one ``all_reduce`` of the max), so that every rank scales by the same power of two
     (a rank scaling its shard alone would change the distances between shards)."""
     def reduce(top: float) -> float:
@@ -448,7 +383,7 @@ def _agreed_scale(g: _Group, x: torch.Tensor) -> float:
 
 
 def _centre_global(g: _Group, x: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.centre`),
+    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.points.centre`),
     and that (D,) float64 mean (the same on every rank)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = x.sum(dim=0, dtype=torch.float64) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64,
@@ -475,8 +410,9 @@ def knn2_distributed(
         x_local: (n_r, D) or (B, T, D) shard of this rank (tensor/array; may be empty on some ranks).
         k: neighbours per point.
         group: process group (default: the world group).
-        backend: engine of the local searches: ``"triton"`` uses the Triton kernel (CUDA shards),
-            anything else the blocked torch search on the shard's device.
+        backend: force the engine of the cross searches (one with a cross search: ``"triton"``,
+            ``"faiss"``, ``"torch"``); default: the first usable one. A forced engine that cannot run,
+            or has no cross search, raises :class:`gelora.BackendUnavailable` on every rank.
         gather: return the (N, k) result of all points on every rank (default) or only this rank's rows.
 
     Returns:
@@ -525,7 +461,7 @@ def twonn_distributed(
     g = _Group(group)
     error: Optional[BaseException] = None
     try:
-        _check_estimator(estimator, discard_fraction, bootstrap)
+        check_estimator(estimator, discard_fraction, bootstrap)
     except ValueError as exc:
         error = exc
     xt, perr = _local_points(x_local, mask)
@@ -550,17 +486,9 @@ def twonn_distributed(
     xc, mean = _centre_global(g, xt, total)
     d2, _, n_fixed, used = _knn_sharded(g, xt, xc, mean, sizes, 2, engine)
     dist_all = g.all_gather_rows(d2.clamp_min(0).sqrt(), sizes)
-    res = id_from_distances(dist_all, estimator=estimator, discard_fraction=discard_fraction,
-                            bootstrap=bootstrap, seed=seed)
-    if res["n_zero_r1"] and not dedup:
-        warnings.warn(f"twonn: dropped {res['n_zero_r1']} point(s) with r1 == 0 (exact duplicates); "
-                      "pass dedup=True to collapse duplicates instead", stacklevel=2)
-    return TwoNNResult(
-        id=res["id"], stderr=res["stderr"], n_points=n_points, n_used=res["n_used"], n_duplicates=n_dup,
-        estimator=estimator, backend=used, discard_fraction=float(discard_fraction),
-        n_zero_r1=res["n_zero_r1"], n_ties=res["n_ties"], n_fixed=n_fixed, r1_mean=res["r1_mean"] / scale,
-        bootstrap_ids=res["bootstrap_ids"], mu=res["mu"],
-    )
+    return result_from_distances(dist_all, estimator=estimator, discard_fraction=discard_fraction,
+                                 bootstrap=bootstrap, seed=seed, dedup=dedup, n_points=n_points,
+                                 n_duplicates=n_dup, backend=used, n_fixed=n_fixed, scale=scale)
 
 
 def _drop_earlier_duplicates(g: _Group, xt: torch.Tensor) -> torch.Tensor:

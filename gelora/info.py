@@ -20,7 +20,7 @@ def report() -> str:
     import torch
 
     import gelora
-    from gelora.backends import describe
+    from gelora.knn.engines.registry import describe
 
     lines = [
         f"gelora {gelora.__version__}  python {platform.python_version()}  torch {torch.__version__}"

@@ -48,15 +48,15 @@ from __future__ import annotations
 import functools
 import logging
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ._input import cpu_core
-from .backends import BackendUnavailable
+from . import _env
+from ._registry import BackendUnavailable, Registry
+from .knn.inputs import cpu_core
 from .kernels import lora as _klora  # gelora/kernels links to the top-level kernels/ folder
 
 lora_linear_reference = _klora.lora_linear_reference
@@ -199,7 +199,7 @@ class TorchLoraBackend(LoraBackend):
     def merge_plan(self, x, weights, ranks, recompute):
         if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64):
             return None
-        mode = os.environ.get("GELORA_LORA_MERGE", "auto")
+        mode = _env.text("GELORA_LORA_MERGE", "auto")
         if mode not in ("auto", "never", "always"):
             raise ValueError(f"GELORA_LORA_MERGE must be auto, never or always, got {mode!r}")
         if mode == "never":
@@ -242,7 +242,7 @@ def _cpu_lora_kernel(x: torch.Tensor, name: str):
     ``GELORA_LORA_CPU_KERNEL`` not 0."""
     if x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous():
         return None  # (a row-strided x, e.g. a column slice, takes the BLAS calls that accept it)
-    if os.environ.get("GELORA_LORA_CPU_KERNEL", "1") == "0":
+    if not _env.flag("GELORA_LORA_CPU_KERNEL", True):
         return None
     return getattr(cpu_core(x), name, None)
 
@@ -306,7 +306,10 @@ def _scale_column(ranks, scalings, device, dtype) -> torch.Tensor:
 
 #: Order in which ``backend=None`` tries the backends (first usable one wins).
 PRIORITY = ("triton", "torch")
-_BACKENDS: Dict[str, LoraBackend] = {b.name: b for b in (TritonLoraBackend(), TorchLoraBackend())}
+#: The fused-LoRA backends (the registry mechanism of the kNN engines, :class:`gelora._registry.Registry`).
+LORA_BACKENDS = Registry("LoRA", PRIORITY, (), "GELORA_LORA_BACKEND")
+LORA_BACKENDS.register(TritonLoraBackend())
+LORA_BACKENDS.register(TorchLoraBackend())
 
 
 def describe_lora_backends(device: str = "cuda" if torch.cuda.is_available() else "cpu",
@@ -314,8 +317,7 @@ def describe_lora_backends(device: str = "cuda" if torch.cuda.is_available() els
     """``(name, usable, reasons, description)`` of every LoRA backend for a ``device``/``dtype`` input,
     in priority order (for ``gelora info``)."""
     out = []
-    for name in PRIORITY:
-        b = _BACKENDS[name]
+    for name, b in LORA_BACKENDS.all().items():
         reasons = b.availability_reasons() or list(b.input_reasons(torch.device(device), dtype))
         out.append((name, not reasons, reasons, b.description))
     return out
@@ -330,22 +332,7 @@ def select_lora_backend(x: torch.Tensor, backend: Optional[str] = None,
         ValueError: unknown backend name.
         BackendUnavailable: the forced backend cannot run on ``x`` (the message lists why), or none can.
     """
-    forced = backend or os.environ.get("GELORA_LORA_BACKEND") or None
-    if forced is not None:
-        if forced not in _BACKENDS:
-            raise ValueError(f"unknown LoRA backend {forced!r}; choose one of {sorted(_BACKENDS)}")
-        reasons = _BACKENDS[forced].not_supported_reasons(x, dtype)
-        if reasons:
-            raise BackendUnavailable(f"LoRA backend {forced!r} cannot run here: " + "; ".join(reasons))
-        return _BACKENDS[forced]
-    skipped = {}
-    for name in PRIORITY:
-        reasons = _BACKENDS[name].not_supported_reasons(x, dtype)
-        if not reasons:
-            return _BACKENDS[name]
-        skipped[name] = reasons
-    raise BackendUnavailable("no LoRA backend can run on this input: "
-                             + " | ".join(f"{k}: {'; '.join(v)}" for k, v in skipped.items()))
+    return LORA_BACKENDS.select(lambda b, forced: b.not_supported_reasons(x, dtype), backend)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -653,8 +640,8 @@ class LoraFuseConfig:
     sibling_names: Tuple[Tuple[str, ...], ...] = DEFAULT_SIBLING_NAMES
 
     def __post_init__(self) -> None:
-        if self.backend is not None and self.backend not in _BACKENDS:
-            raise ValueError(f"unknown LoRA backend {self.backend!r}; choose one of {sorted(_BACKENDS)}")
+        if self.backend is not None:
+            LORA_BACKENDS.get(self.backend)  # ValueError naming the known ones
         if self.adapter_name is not None and not isinstance(self.adapter_name, str):
             raise TypeError(f"adapter_name must be a string or None, got {type(self.adapter_name).__name__}")
         names = tuple(tuple(group) for group in self.sibling_names)

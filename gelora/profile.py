@@ -58,7 +58,9 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 import torch
 from torch import nn
 
-from .twonn import ESTIMATORS, TwoNNResult, twonn, unique_rows
+from .id.dedup import unique_rows
+from .id.estimate import ESTIMATORS, TwoNNResult
+from .id.twonn import twonn
 
 log = logging.getLogger("gelora")
 

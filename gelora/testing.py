@@ -5,8 +5,9 @@ from typing import Optional
 
 import torch
 
-from ._input import ArrayLike, as_points
-from .knn import centre, direct_sq_dist, knn_reference
+from .knn.inputs import ArrayLike, as_points
+from .knn.points import centre, direct_sq_dist
+from .knn.reference import knn_reference
 
 
 def assert_knn_match(

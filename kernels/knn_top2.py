@@ -39,7 +39,6 @@ the reads bypass L1 (``.cg``).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
@@ -48,12 +47,14 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _env
+
 __all__ = ["TileConfig", "knn_top2", "default_config", "interpreting", "tune_config"]
 
 
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _env.triton_interpret()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def candidate_configs(device: torch.device, dtype: torch.dtype = torch.float16, 
 
 def default_config(device: torch.device, dtype: torch.dtype = torch.float16, precision: str = "ieee") -> TileConfig:
     """``GELORA_TRITON_CONFIG`` when set, else the first candidate for the device and operand dtype."""
-    env = os.environ.get("GELORA_TRITON_CONFIG", "").strip()
+    env = _env.text("GELORA_TRITON_CONFIG")
     if env:
         return TileConfig.parse(env)
     return candidate_configs(device, dtype, precision)[0]
@@ -606,7 +607,7 @@ def tune_config(
     if key in _tuned:
         return _tuned[key]
     cands = candidate_configs(dev, a.dtype, prec)
-    if os.environ.get("GELORA_TRITON_CONFIG", "").strip() or dev.type != "cuda" or len(cands) == 1:
+    if _env.text("GELORA_TRITON_CONFIG") or dev.type != "cuda" or len(cands) == 1:
         cfg = default_config(dev, a.dtype, prec)
         _tuned[key] = cfg
         return cfg

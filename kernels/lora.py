@@ -35,10 +35,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import List, Optional, Sequence
 
 import torch
+
+from .. import _env
 
 try:  # Triton is optional: the reference and the launchers' checks import without it
     import triton
@@ -52,14 +53,14 @@ except Exception:  # noqa: BLE001 - a broken or absent Triton means "no Triton b
 
 #: True when the kernels were built by the Triton interpreter (``TRITON_INTERPRET=1`` before import):
 #: they then run on CPU tensors, one program at a time, with a single small tile configuration.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0").strip().lower() in {"1", "true", "on", "yes"}
+INTERPRET = _env.triton_interpret()
 
 #: Largest rank block of one ``tl.dot`` step; larger ranks loop over blocks of this size.
 MAX_BLOCK_R = 64
 
 #: ``GELORA_LORA_TUNE=0`` keeps only the first (fitting) tile configuration of each kernel: no autotuning,
 #: for quick correctness runs on a GPU. Read when this module is imported.
-TUNE = os.environ.get("GELORA_LORA_TUNE", "1").strip() != "0"
+TUNE = _env.flag("GELORA_LORA_TUNE", True)
 
 #: Shared-memory budget of one program when pruning configurations before compiling them (bytes):
 #: Hopper allows 227 KiB per block, Ampere 163 KiB; a configuration that still does not fit is

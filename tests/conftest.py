@@ -20,7 +20,7 @@ def import_core():
 
 
 def usable_backends(device: str = "cpu"):
-    from gelora.backends import all_backends
+    from gelora.knn.engines import all_backends
 
     probe = torch.zeros(8, 4, device=device)
     return [n for n, b in all_backends().items() if not b.not_supported_reasons(probe)]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import gelora
-from gelora import knn
-from gelora.backends import KnnBackend, NormScaledError, error_rows
-from gelora.twonn import id_from_distances
+from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+from gelora.knn.engines import Candidates, KnnBackend, NormScaledError, error_rows
+from gelora.id.estimate import id_from_distances
 
 from conftest import usable_backends
 
@@ -47,10 +47,10 @@ def test_competitor_radius_excludes_only_points_that_cannot_compete():
     force, on the points as given, with the centring's rounding in float32)."""
     x, _ = _outlier_data(n=400, D=32, frac=0.02)
     k = 2
-    xc, _ = knn.centre_and_mean(x, torch.float32)
+    xc, _ = points.centre_and_mean(x, torch.float32)
     d2, kth, _ = _brute(x, k)
-    nb = knn.norm_bounds(torch.linalg.vector_norm(xc, dim=1).square_(), 32)
-    w = knn.competitor_radius(nb, kth[:, -1], 32, torch.float32)
+    nb = certify.norm_bounds(torch.linalg.vector_norm(xc, dim=1).square_(), 32)
+    w = certify.competitor_radius(nb, kth[:, -1], 32, torch.float32)
     beyond = torch.linalg.vector_norm(xc.double(), dim=1).unsqueeze(0) > w.unsqueeze(1)
     assert bool((d2[beyond] >= kth[:, -1].unsqueeze(1).expand_as(d2)[beyond]).all())
     # the window is about |x_i| + r_k: for the ordinary rows it excludes every outlier
@@ -85,7 +85,7 @@ class _AdversarialEngine(KnnBackend):
         super().__init__()
         self.coef = coef
 
-    def search_with_norms(self, x, kc, *, src_dtype=None):
+    def search(self, x, kc):
         x64 = x.double()
         sq = (x64 * x64).sum(1)
         d2 = ((x64[:, None, :] - x64[None, :, :]) ** 2).sum(-1)
@@ -96,10 +96,7 @@ class _AdversarialEngine(KnnBackend):
         apx = torch.where(near, d2 + room, d2 - room)
         apx.fill_diagonal_(float("inf"))
         cd, ci = torch.topk(apx, kc, dim=1, largest=False)
-        return cd.to(x.dtype), ci, NormScaledError(sq.to(x.dtype), self.coef), sq.to(x.dtype)
-
-    def search(self, x, kc, *, src_dtype=None):
-        return self.search_with_norms(x, kc, src_dtype=src_dtype)[:3]
+        return Candidates(cd.to(x.dtype), ci, NormScaledError(sq.to(x.dtype), self.coef), sq.to(x.dtype))
 
 
 @pytest.mark.parametrize("coef", [1e-4, 1e-3])
@@ -110,8 +107,8 @@ def test_certificate_catches_every_wrong_neighbour(coef, k):
     rows in the data; and the certificate did have to work (some rows were recomputed)."""
     x, _ = _outlier_data(n=300, D=16, frac=0.02, spike=300.0, seed=2)
     x[1] = x[2]  # a duplicate pair: distance 0, the self excluded by index
-    xc, mean = knn.centre_and_mean(x, torch.float32)
-    dist, idx, n_fixed = knn.knn_exact(xc, k, _AdversarialEngine(coef), x.dtype, points=x, mean=mean)
+    xc, mean = points.centre_and_mean(x, torch.float32)
+    dist, idx, n_fixed = pipeline.knn_exact(xc, k, _AdversarialEngine(coef), points=x, mean=mean)
     d2, want_d2, _ = _brute(x, k)
     assert n_fixed > 0
     torch.testing.assert_close(dist.double() ** 2, want_d2, rtol=2e-6, atol=1e-9)
@@ -144,11 +141,11 @@ def test_norm_shell_rows_are_exact_for_outliers(centred):
     k = 3
     d2_all, want_d2, want_i = _brute(x, k)
     if centred:
-        xc, _ = knn.centre_and_mean(x, torch.float32)
+        xc, _ = points.centre_and_mean(x, torch.float32)
     else:
         xc = x
     kth = want_d2[rows, -1].float() * (1 + 1e-6)  # what the re-rank would have found, rounded up
-    done, sd2, si = knn._norm_shell_rows(x, xc, rows, k, kth, centred)
+    done, sd2, si = reference.norm_shell_rows(x, xc, rows, k, kth, centred)
     assert set(range(big.numel())) <= set(done.tolist()), done
     got = rows[done]
     torch.testing.assert_close(sd2, want_d2[got], rtol=1e-12, atol=0.0)

@@ -82,7 +82,7 @@ def _worker(rank, world, port, outdir, backend):
     try:
         import gelora
         from gelora.distributed import knn2_distributed, twonn_distributed
-        from gelora.twonn import id_from_distances
+        from gelora.id.estimate import id_from_distances
 
         x = _points()
         cuts = [0, 120, x.shape[0]]
@@ -100,7 +100,10 @@ def _worker(rank, world, port, outdir, backend):
         res = twonn_distributed(xl, backend=backend)
         assert res.n_duplicates == 3, res.n_duplicates
         _same_result(res, ref)
-        assert res.backend == (backend or "torch")
+        # the forced engine, else the first with a cross search (the C++ core has none)
+        from gelora.knn.engines import select_backend
+
+        assert res.backend == (backend or select_backend(xl, need=("cross",)).name)
         ids = {"mle": res.id}
         done.append("twonn")
 
@@ -169,7 +172,7 @@ def _worker(rank, world, port, outdir, backend):
             # float64 far clusters: rows even the float64 shortcut cannot rank get the brute-force
             # ring pass; distances are those of the points given, as in one process, bit for bit
             import gelora.distributed as gd
-            from gelora.knn import direct_sq_dist
+            from gelora.knn.points import direct_sq_dist
 
             calls = []
             brute = gd.brute_knn
@@ -204,6 +207,20 @@ def _worker(rank, world, port, outdir, backend):
             torch.testing.assert_close(r32.mu, want["mu"], rtol=1e-5, atol=0.0)
             done.append("far_exact")
 
+            # a forced engine runs, or raises on every rank with its reasons: never a silent substitute
+            # (the C++ core has no cross search, so the ring cannot use it)
+            from gelora import BackendUnavailable
+            from gelora.knn.engines import all_backends
+
+            with pytest.raises(BackendUnavailable, match="'cpp' cannot run here"):
+                twonn_distributed(xl, backend="cpp")
+            for name in ("faiss", "torch"):
+                if name in all_backends() and not all_backends()[name].not_supported_reasons(xl):
+                    rn = twonn_distributed(xl, backend=name)
+                    assert rn.backend == name
+                    _same_result(rn, ref)
+            done.append("forced")
+
             # bad input on one rank raises on every rank (no hang)
             bad = xl.clone()
             if rank == 1:
@@ -233,7 +250,7 @@ def test_sharded_knn_and_twonn_match_one_process(tmp_path):
         pytest.skip("torch.distributed is not available")
     out = _spawn(tmp_path, None)
     expected = ["knn", "twonn", "estimators", "float64", "empty_shard", "group", "mask",
-                "float64_fallback", "outliers", "far_exact", "bad_input"]
+                "float64_fallback", "outliers", "far_exact", "forced", "bad_input"]
     for r in out:
         assert r["done"] == expected, r["done"]
     assert out[0]["ids"] == out[1]["ids"]  # bit-identical on every rank

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import gelora.lora as L
-from gelora.backends import BackendUnavailable
+from gelora.knn.engines import BackendUnavailable
 from gelora.kernels import lora as K
 
 try:

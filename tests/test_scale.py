@@ -22,9 +22,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gelora
-from gelora._input import power_of_two_scale
+from gelora.knn.inputs import power_of_two_scale
 from gelora.testing import assert_knn_match
-from gelora.twonn import id_from_distances, unique_rows
+from gelora.id.dedup import unique_rows
+from gelora.id.estimate import id_from_distances
 
 from conftest import usable_backends
 

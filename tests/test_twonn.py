@@ -80,33 +80,33 @@ def test_float64_recomputation_is_streamed_and_exact(monkeypatch, mode):
     given, and exact ties (a row present three times) are broken by index. ``mode``: "plain" already
     centred points, nothing else; "mean" the points as given with their float64 mean; "xc" the points,
     their float32 centred copy and the mean (what knn_exact passes)."""
-    from gelora import knn
+    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1500, 97, generator=g) * 3 + 40
 
     def args(pts):
         if mode == "plain":
-            return knn.centre(pts), {}
-        xc, mean = knn.centre_and_mean(pts)
+            return points.centre(pts), {}
+        xc, mean = points.centre_and_mean(pts)
         return pts, (dict(xc=xc, mean=mean) if mode == "xc" else dict(mean=mean))
 
     xs, kw = args(x)
     rows = torch.randperm(1500, generator=g)[:300]
     for k in (1, 2, 5):
-        want = knn._reference_rows(xs, rows, k, **kw)  # default: one block, one chunk here
+        want = reference.reference_rows(xs, rows, k, **kw)  # default: one block, one chunk here
         with monkeypatch.context() as m:
-            m.setattr(knn, "STREAM_CHUNK_ELEMS", 97 * 113)
-            m.setattr(knn, "chunk_bytes", lambda: 8 * 97 * 4 * 64)  # 64-row blocks, 79-row chunks
-            got = knn._reference_rows(xs, rows, k, **kw)
+            m.setattr(reference, "STREAM_CHUNK_ELEMS", 97 * 113)
+            m.setattr(reference, "chunk_bytes", lambda: 8 * 97 * 4 * 64)  # 64-row blocks, 79-row chunks
+            got = reference.reference_rows(xs, rows, k, **kw)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         # squared float64 distances of the points given, directly, and the brute-force ones
-        assert torch.equal(got[0], knn.direct_sq_dist(xs, rows, got[1], dtype=torch.float64))
+        assert torch.equal(got[0], points.direct_sq_dist(xs, rows, got[1], dtype=torch.float64))
         bd, bi = _brute_knn(xs, k)
         torch.testing.assert_close(got[0].sqrt(), bd[rows], rtol=1e-13, atol=0.0)
     # rows[:3] appear three times (two neighbours at exactly 0: a tie), rows[3:9] twice (no tie)
     xd, kw = args(torch.cat([x, x[rows[:9]], x[rows[:3]]]))
-    d, i = knn._reference_rows(xd, rows[:9], 2, **kw)
+    d, i = reference.reference_rows(xd, rows[:9], 2, **kw)
     assert bool((d[:3] == 0).all()) and bool((d[3:, 0] == 0).all())
     assert torch.equal(i[3:, 0], torch.arange(1503, 1509))
     assert torch.equal(i[:3], torch.stack([torch.arange(1500, 1503), torch.arange(1509, 1512)], 1))
@@ -135,34 +135,34 @@ def test_reference_exact_where_the_float64_shortcut_cannot_rank(dtype, monkeypat
     """Rows whose neighbours the float64 shortcut cannot separate fail the reference's certification
     and get a brute-force search: the distances are the brute-force ones bit for bit (the old
     reference got some up to 1% wrong here), the indices are at those distances."""
-    from gelora import knn
+    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
 
     x = _far_clusters().to(dtype)
     want_d, _ = _brute_knn(x, 2)
     calls = []
-    brute = knn._brute_rows
-    monkeypatch.setattr(knn, "_brute_rows", lambda *a: calls.append(a[1].numel()) or brute(*a))
+    brute = reference._brute_rows
+    monkeypatch.setattr(reference, "_brute_rows", lambda *a: calls.append(a[1].numel()) or brute(*a))
     dist, idx = gelora.knn_reference(x, 2)
     assert sum(calls) > 0, "the far clusters must fail the float64 certification"
     assert torch.equal(dist, want_d)
-    assert torch.equal(knn.direct_sq_dist(x.double(), None, idx).sqrt(), want_d)
+    assert torch.equal(points.direct_sq_dist(x.double(), None, idx).sqrt(), want_d)
     assert not bool((idx == torch.arange(x.shape[0]).unsqueeze(1)).any())
     assert bool((idx[:, 0] != idx[:, 1]).all())
     # a few rows, and the brute force in small blocks
     rows = torch.arange(0, 600, 37)
-    monkeypatch.setattr(knn, "BRUTE_CHUNK_ELEMS", 64 * 37)
+    monkeypatch.setattr(reference, "BRUTE_CHUNK_ELEMS", 64 * 37)
     calls.clear()
-    d, i = knn._reference_rows(x, rows, 2, mean=x.double().mean(0))
+    d, i = reference.reference_rows(x, rows, 2, mean=x.double().mean(0))
     assert sum(calls) > 0
     assert torch.equal(d.sqrt(), want_d[rows])
-    assert torch.equal(knn.direct_sq_dist(x, rows, i, dtype=torch.float64).sqrt(), want_d[rows])
+    assert torch.equal(points.direct_sq_dist(x, rows, i, dtype=torch.float64).sqrt(), want_d[rows])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_twonn_exact_on_far_clusters(backend):
     """float64 points end to end: every row the engine cannot certify goes to the exact reference, so
     the ratios are those of the brute-force distances exactly."""
-    from gelora.twonn import id_from_distances
+    from gelora.id.estimate import id_from_distances
 
     x = _far_clusters().double()
     want = id_from_distances(_brute_knn(x, 2)[0])
@@ -179,8 +179,8 @@ def test_float32_far_clusters_distances_of_the_points_given(backend):
     but the re-rank and the float64 recomputation use the points as given and the certification
     accounts for the centring's rounding: the ratios are those of the brute-force float64 distances of
     the points to float32 accuracy, and the neighbours are at the brute-force distances."""
-    from gelora import knn
-    from gelora.twonn import id_from_distances
+    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.id.estimate import id_from_distances
 
     g = torch.Generator().manual_seed(3)
     x = torch.randn(600, 16, generator=g) * 1e-3
@@ -194,19 +194,19 @@ def test_float32_far_clusters_distances_of_the_points_given(backend):
     assert res.id == pytest.approx(want["id"], rel=1e-5)
     # the distances of the centred float32 points are not those (what the pipeline used to return)
     xu = x[keep]
-    xc = knn.centre(xu)
+    xc = points.centre(xu)
     wrong = id_from_distances(_brute_knn(xc, 2)[0])
     assert float((wrong["mu"] - want["mu"]).abs().max()) > 1e-3
     # knn2: distances of the points given, indices at those distances
     dist, idx = gelora.knn2(xu, backend=backend)
     want_d, _ = _brute_knn(xu, 2)
     torch.testing.assert_close(dist.double(), want_d, rtol=1e-6, atol=0.0)
-    at = knn.direct_sq_dist(xu, None, idx, dtype=torch.float64).sqrt()
+    at = points.direct_sq_dist(xu, None, idx, dtype=torch.float64).sqrt()
     torch.testing.assert_close(at, want_d, rtol=1e-6, atol=0.0)
 
 
 def test_smallest_by_index_is_the_stable_sort():
-    from gelora.knn import _smallest_by_index
+    from gelora.knn.reference import _smallest_by_index
 
     g = torch.Generator().manual_seed(14)
     for trial in range(60):
@@ -224,7 +224,7 @@ def test_smallest_by_index_is_the_stable_sort():
 
 def test_direct_sq_dist_against_separate_keys():
     """Queries against a separate key set (the distributed shards), any chunking: the same values."""
-    from gelora.knn import direct_sq_dist
+    from gelora.knn.points import direct_sq_dist
 
     g = torch.Generator().manual_seed(12)
     q = torch.randn(70, 33, generator=g, dtype=torch.float64)
@@ -249,8 +249,8 @@ def test_direct_sq_dist_against_separate_keys():
 def test_centre_with_a_given_mean_is_centre(dtype):
     """``centre(x, mean=...)`` with the float64 column mean (what the C++ core's one pass over the
     points returns) is bitwise ``centre(x)``, so a caller that has the mean need not read x again."""
-    from gelora._input import cpu_core
-    from gelora.knn import centre
+    from gelora.knn.inputs import cpu_core
+    from gelora.knn.points import centre
 
     x = (torch.randn(257, 45, generator=torch.Generator().manual_seed(13)) * 2 + 7).to(dtype)
     for cdt in (torch.float32, torch.float64):
@@ -268,9 +268,9 @@ def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedu
     """With the C++ core, one ``prepare_points`` pass gives twonn the NaN check, the row hashes and the
     mean (a second one only for the mean of the rows left after removing duplicates), and the result is
     bit for bit that of the separate passes (as_points, unique_rows, centre)."""
-    from gelora import knn
-    from gelora._input import as_points, cpu_core
-    from gelora.twonn import id_from_distances
+    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.knn.inputs import as_points, cpu_core
+    from gelora.id.estimate import id_from_distances
 
     x = subspace_points(700, d=6, D=48, offset=3.0, seed=4, dtype=dtype)
     if dups:
@@ -284,9 +284,9 @@ def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedu
         keep, n_dup = gelora.unique_rows(xt)
         assert n_dup == dups
         xt = xt[keep]
-    engine = gelora.backends.select_backend(xt, None)
-    xc, mean = knn.centre_and_mean(xt, knn._compute_dtype(xt, engine))
-    dist, _, _ = knn.knn_exact(xc, 2, engine, xt.dtype, points=xt, mean=mean)
+    engine = gelora.knn.engines.select_backend(xt, None)
+    xc, mean = points.centre_and_mean(xt, pipeline.compute_dtype(xt))
+    dist, _, _ = pipeline.knn_exact(xc, 2, engine, points=xt, mean=mean)
     want = id_from_distances(dist)
     calls = []
     prep = core.prepare_points
@@ -410,16 +410,16 @@ def test_result_is_float_convertible():
 _PEAK_SCRIPT = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
-from gelora import knn
+from gelora.knn import certify, pipeline, points, reference  # noqa: F401
 n, d = 1_000_000, 64
 x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
 rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:100]
-mean = knn.column_mean(x)
+mean = points.column_mean(x)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-d2, idx = knn._reference_rows(x, rows, 2, mean=mean)
+d2, idx = reference.reference_rows(x, rows, 2, mean=mean)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 # spot check against brute force for a few rows
-bd, bi = knn.brute_knn(x[rows[:3]], x, 2, rows[:3])
+bd, bi = reference.brute_knn(x[rows[:3]], x, 2, rows[:3])
 assert torch.equal(d2[:3], bd), (d2[:3], bd)
 print("EXTRA_KB", peak - base)
 """
@@ -443,14 +443,14 @@ def test_float64_recomputation_memory_is_bounded(tmp_path):
 def test_column_mean_and_inputs_untouched():
     """The chunked float64 mean is the mean, and no search modifies the caller's points (float64 points
     are centred in copies, never in place)."""
-    from gelora import knn
+    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(700, 13, generator=g, dtype=torch.float64) * 5 + 1e3
     keep = x.clone()
-    torch.testing.assert_close(knn.column_mean(x), x.mean(0), rtol=1e-14, atol=0.0)
+    torch.testing.assert_close(points.column_mean(x), x.mean(0), rtol=1e-14, atol=0.0)
     gelora.knn_reference(x, 2)
-    knn._reference_rows(x, torch.arange(0, 700, 7), 3, mean=x.mean(0))
+    reference.reference_rows(x, torch.arange(0, 700, 7), 3, mean=x.mean(0))
     gelora.twonn(x)
     gelora.knn2(x, backend="torch")
     assert torch.equal(x, keep)

@@ -12,12 +12,11 @@ from typing import Callable, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .. import _env
+
 ArrayLike = Union[torch.Tensor, np.ndarray]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-_CORE = []
-
 
 def cpu_core(t: torch.Tensor):
     """The C++ core module when it is built and ``t`` is a float32/float64 CPU tensor, else None.
@@ -27,13 +26,7 @@ def cpu_core(t: torch.Tensor):
     arithmetic (every torch op is an OpenMP region that waits for descheduled threads)."""
     if t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
         return None
-    if not _CORE:
-        try:
-            from . import _C  # noqa: PLC0415 - optional compiled extension
-        except ImportError:
-            _C = None
-        _CORE.append(_C)
-    return _CORE[0]
+    return _env.core()
 
 
 def to_tensor(x: ArrayLike, name: str = "x") -> torch.Tensor:

@@ -17,14 +17,17 @@ from typing import List
 
 import torch
 
-from . import KnnBackend, register
-from .torch_backend import gemm_error_model
+from ... import _env
+from .base import Candidates, KnnBackend
+from .registry import register
+from .torch import gemm_error_model
 
 
 def _core():
-    from gelora import _C  # noqa: PLC0415 - optional compiled extension
-
-    return _C
+    core = _env.core()
+    if core is None:
+        raise ImportError(_env.core_error())
+    return core
 
 
 class CppBackend(KnnBackend):
@@ -46,23 +49,22 @@ class CppBackend(KnnBackend):
             return [f"input is on {x.device.type}; the C++ core takes CPU tensors only"]
         return []
 
-    def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
-        """See :meth:`gelora.backends.KnnBackend.search`. ``x`` (N, D) float32/float64 on the CPU; other
-        float dtypes are computed in float32. Uses ``torch.get_num_threads()`` threads."""
-        return self.search_with_norms(x, kc, src_dtype=src_dtype)[:3]
-
-    def search_with_norms(self, x: torch.Tensor, kc: int, *, src_dtype=None):
-        """:meth:`search` and the (N,) squared norms of the rows of ``x`` that the core computed for
-        it (sums of squares in the dtype of ``x``), which :func:`gelora.knn.knn_exact` needs for the
-        centring term of its certification: no second pass over the points."""
+    def search(self, x: torch.Tensor, kc: int) -> Candidates:
+        """See :meth:`gelora.knn.engines.base.KnnBackend.search`. ``x`` (N, D) float32/float64 on the
+        CPU; other float dtypes are computed in float32. Uses ``torch.get_num_threads()`` threads. The
+        (N,) squared norms the core computed for its tiles come back too (no second pass)."""
         work = x.detach()
         if work.dtype not in (torch.float32, torch.float64):
             work = work.float()
         arr = work.contiguous().numpy()
         d2, idx, sq, _ = _core().knn_candidates(arr, int(kc), n_threads=torch.get_num_threads())
         sq = torch.from_numpy(sq)
-        err = gemm_error_model(sq, arr.shape[1], work.dtype)
-        return torch.from_numpy(d2), torch.from_numpy(idx), err, sq
+        return Candidates(torch.from_numpy(d2), torch.from_numpy(idx),
+                          gemm_error_model(sq, arr.shape[1], work.dtype), sq)
+
+    def cross_reasons(self) -> List[str]:
+        return ["the C++ core searches a point set against itself only (symmetric tiles); the "
+                "distributed ring needs queries against another shard: use backend='torch' or 'faiss'"]
 
     def rerank(self, x: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
         """Direct squared distances ``sum((x[i] - x[cand[i, j]])^2)`` in the dtype of ``x`` (no norm

@@ -30,7 +30,7 @@ With ``a_i`` the float32 accumulation bound of ``K`` for those rows and ``e = ep
 Every row j that is not a candidate then has exact squared distance ``>= K - err_i``, and every row
 with exact squared distance ``<= K`` has ``|K_ij - exact| <= err_i``: what the certification in
 :mod:`gelora.knn` needs. ``rho`` covers the pipeline's own float32 re-rank. The accumulation bound
-``a_i = alpha (|x~_i|^2 + S_i^2)`` follows :func:`gelora.backends.torch_backend.gemm_error_bound`
+``a_i = alpha (|x~_i|^2 + S_i^2)`` follows :func:`gelora.knn.engines.torch.gemm_error_coef`
 (8 standard deviations of ``sqrt(D) u`` random rounding) with ``u = 2**-23`` and a deterministic bias
 of one ulp per 8 accumulated columns for tensor cores, which truncate instead of rounding.
 
@@ -54,13 +54,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 import torch
 
-from . import KnnBackend, register
+from ... import _env
+from .base import Candidates, KnnBackend
+from .registry import register
 
 log = logging.getLogger("gelora")
 
@@ -79,11 +80,7 @@ TUNE_MIN_ROWS = 65536
 
 
 def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _flag(name: str, default: str = "0") -> bool:
-    return os.environ.get(name, default).strip().lower() in ("1", "true", "yes", "on")
+    return _env.triton_interpret()
 
 
 def _kernels():
@@ -93,7 +90,7 @@ def _kernels():
 
 
 def default_precision() -> str:
-    p = os.environ.get("GELORA_TRITON_PRECISION", "fp16").strip().lower() or "fp16"
+    p = _env.text("GELORA_TRITON_PRECISION", "fp16").lower()
     if p not in PRECISIONS:
         raise ValueError(f"GELORA_TRITON_PRECISION must be one of {PRECISIONS}, got {p!r}")
     return p
@@ -251,9 +248,9 @@ def _compute_device(x: torch.Tensor) -> torch.device:
 def _chunk_rows(n: int, d: int, precision: str, kc: int, dev: torch.device, resident: bool) -> int:
     """Rows per chunk: all of them when the operands, candidate slots and statistics fit in about
     60% of free device memory (30% when streaming from the host); ``GELORA_TRITON_CHUNK_ROWS`` overrides."""
-    env = os.environ.get("GELORA_TRITON_CHUNK_ROWS", "").strip()
-    if env:
-        return max(1, int(env))
+    env = _env.integer("GELORA_TRITON_CHUNK_ROWS", None, minimum=1)
+    if env is not None:
+        return env
     if dev.type != "cuda":
         return n
     free = _kernels().free_bytes(dev)  # the caching allocator's unused blocks count as free
@@ -296,7 +293,7 @@ def triton_candidates(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if symmetric is None:
-        symmetric = _flag("GELORA_TRITON_SYMMETRIC", "1")
+        symmetric = _env.flag("GELORA_TRITON_SYMMETRIC", True)
     n, d = x.shape
     dev = _compute_device(x)
     resident = x.device == dev
@@ -312,7 +309,7 @@ def triton_candidates(
 
     if len(bounds) == 1:
         st = prepare_operand(x, precision, scale, align, dev)
-        if config is None and dev.type == "cuda" and n >= TUNE_MIN_ROWS and _flag("GELORA_TRITON_AUTOTUNE", "1"):
+        if config is None and dev.type == "cuda" and n >= TUNE_MIN_ROWS and _env.flag("GELORA_TRITON_AUTOTUNE", True):
             k.tune_config(st.op, kc, precision=dot_prec, symmetric=symmetric)
         cd, ci, _, _ = k.knn_top2(st.op, kc, n_a=n, sq_a=st.sq, symmetric=symmetric,
                                   precision=dot_prec, config=config)
@@ -349,7 +346,7 @@ def triton_candidates(
         for ca, (a0, a1) in enumerate(bounds):
             keep = {ca}
             sa = get(ca)
-            if ca == 0 and config is None and dev.type == "cuda" and _flag("GELORA_TRITON_AUTOTUNE", "1"):
+            if ca == 0 and config is None and dev.type == "cuda" and _env.flag("GELORA_TRITON_AUTOTUNE", True):
                 k.tune_config(sa.op, kc, precision=dot_prec, symmetric=symmetric)
             ra = slice(a0, a1)
             nd, ni, _, _ = k.knn_top2(sa.op, kc, n_a=sa.n, sq_a=sa.sq, a_offset=a0,
@@ -459,7 +456,7 @@ class TritonBackend(KnnBackend):
                 pass
             elif not torch.cuda.is_available():
                 reasons.append("input is on the CPU and there is no CUDA device")
-            elif not (forced or _is_pinned(x) or _flag("GELORA_TRITON_STREAM")):
+            elif not (forced or _is_pinned(x) or _env.flag("GELORA_TRITON_STREAM")):
                 reasons.append("input is on the CPU: move it to CUDA, or have it streamed through the GPU "
                                "(force backend='triton', pin it with x.pin_memory(), or set "
                                "GELORA_TRITON_STREAM=1)")
@@ -467,16 +464,39 @@ class TritonBackend(KnnBackend):
             reasons.append(f"input is on device type {x.device.type!r}; the kernel runs on CUDA")
         return reasons
 
-    def search(self, x: torch.Tensor, kc: int, *, src_dtype=None):
-        if kc > MAX_KC:
-            from .torch_backend import TorchBackend  # noqa: PLC0415
+    max_candidates = MAX_KC
 
-            log.info("gelora: triton backend keeps at most %d candidates per row; %d asked, using the "
-                     "blocked torch engine on %s", MAX_KC, kc, x.device)
-            dev = _compute_device(x)
-            d2, idx, err = TorchBackend().search(x.to(dev), kc, src_dtype=src_dtype)
-            return d2.to(x.device), idx.to(x.device), err.to(x.device)
-        return triton_candidates(x, kc)
+    def search(self, x: torch.Tensor, kc: int) -> Candidates:
+        """See :meth:`KnnBackend.search` (``kc <= MAX_KC``: the kernel keeps its candidates in registers)."""
+        if kc > MAX_KC:
+            raise ValueError(f"the Triton kernel keeps at most {MAX_KC} candidates per row; {kc} asked")
+        d2, idx, err = triton_candidates(x, kc)
+        return Candidates(d2, idx, err)
+
+    def cross_reasons(self) -> List[str]:
+        return []
+
+    def cross_search(self, q, keys, kc, *, q_offset, k_offset, top=None) -> Candidates:
+        """See :meth:`KnnBackend.cross_search`: a rows-only launch of the kernel, the queries against the
+        keys, both rounded into tile operands with one power-of-two scale from ``top`` (every rank of
+        the ring passes the same), and the per-row bound of :func:`tile_error_bound`."""
+        if kc > MAX_KC:
+            raise ValueError(f"the Triton kernel keeps at most {MAX_KC} candidates per row; {kc} asked")
+        k = _kernels()
+        precision = default_precision()
+        if top is None:
+            top = max([float(t.abs().max()) for t in (q, keys) if t.numel()] or [0.0])
+        scale = operand_scale(torch.tensor([float(top)]), precision)
+        align = k.GPU_ALIGN if q.device.type == "cuda" else k.default_config(q.device).align
+        qs = prepare_operand(q, precision, scale, align)
+        ks = prepare_operand(keys, precision, scale, align)
+        d, i = triton_cross(qs, ks, kc, q_offset=q_offset, k_offset=k_offset, precision=precision)
+        d = d * (scale * scale)
+        dim_pad = k._round_up(keys.shape[1], k.K_ALIGN)
+        last = torch.where(torch.isfinite(d[:, -1]), d[:, -1], torch.zeros_like(d[:, -1]))
+        err = tile_error_bound(last, qs, KeyIndex.build(ks.norm, ks.eps), scale, precision, dim_pad,
+                               keys.device.type == "cuda")
+        return Candidates(d.to(torch.float64 if keys.dtype == torch.float64 else torch.float32), i, err)
 
 
 def _is_pinned(x: torch.Tensor) -> bool:
