@@ -20,10 +20,18 @@ def import_core():
 
 
 def usable_backends(device: str = "cpu"):
+    """The kNN engines usable for ``device`` here. Under ``GELORA_REQUIRE_EXT`` (CI) the C++ core and
+    FAISS must be among them on the CPU: a broken install fails the run instead of shrinking the list of
+    engines every parametrised test runs on."""
     from gelora.knn.engines import all_backends
 
     probe = torch.zeros(8, 4, device=device)
-    return [n for n, b in all_backends().items() if not b.not_supported_reasons(probe)]
+    found = {n: b.not_supported_reasons(probe) for n, b in all_backends().items()}
+    if device == "cpu" and os.environ.get("GELORA_REQUIRE_EXT", "") in {"1", "true", "yes", "on"}:
+        missing = {n: r for n, r in found.items() if n in ("cpp", "faiss") and r}
+        if missing:
+            raise RuntimeError(f"GELORA_REQUIRE_EXT is set but these engines cannot run: {missing}")
+    return [n for n, r in found.items() if not r]
 
 
 @pytest.fixture(scope="session")

@@ -313,33 +313,37 @@ def test_estimate_every_runs_in_the_background():
 
 
 def test_background_estimates_overlap_the_forward_passes(monkeypatch):
+    """A snapshot's estimate, on the estimator thread, waits until a later batch's forward pass has run:
+    it only returns if the forward passes go on meanwhile (ordered by events, not by sleeps)."""
     import threading
-    import time
 
     import gelora.profile as gp
 
     real = gp.twonn
-    spans, forwards = [], []
+    started, overlapped = threading.Event(), threading.Event()
+    threads = []
 
-    def slow_twonn(x, **kw):
-        t0 = time.perf_counter()
+    def waiting_twonn(x, **kw):
         if threading.current_thread().name.startswith("gelora-estimate"):
-            time.sleep(0.05)
-        out = real(x, **kw)
-        spans.append((threading.current_thread().name, t0, time.perf_counter()))
-        return out
+            threads.append(threading.current_thread().name)
+            started.set()
+            overlapped.wait(timeout=60)
+        return real(x, **kw)
 
-    monkeypatch.setattr(gp, "twonn", slow_twonn)
+    def pre_hook(mod, args):
+        if started.is_set():
+            overlapped.set()
+
+    monkeypatch.setattr(gp, "twonn", waiting_twonn)
     m = tiny_bert()
-    h = m.encoder.layer[0].register_forward_pre_hook(lambda mod, args: forwards.append(time.perf_counter()))
-    res = profile_model(m, padded_batch(n=40, seed=4), max_tokens=120, batch_size=5, progress=False,
-                        estimate_every=2)
-    h.remove()
-    bg = [(a, b) for name, a, b in spans if name.startswith("gelora-estimate")]
-    assert len(bg) == 4 * 4  # 4 snapshots x 4 layers, all on the estimator thread
-    snapshots = [(bg[4 * j][0], bg[4 * j + 3][1]) for j in range(4)]
-    # forward passes of later batches ran while a snapshot was being estimated
-    assert sum(a < t < b for a, b in snapshots for t in forwards) >= 1
+    h = m.encoder.layer[0].register_forward_pre_hook(pre_hook)
+    try:
+        res = profile_model(m, padded_batch(n=40, seed=4), max_tokens=120, batch_size=5, progress=False,
+                            estimate_every=2)
+    finally:
+        h.remove()
+    assert overlapped.is_set(), "no forward pass ran while a snapshot was being estimated"
+    assert len(threads) == 4 * 4  # 4 snapshots x 4 layers, all on the estimator thread
     assert [h["batch"] for h in res.history] == [2, 4, 6, 8]
 
 

@@ -11,11 +11,15 @@ from gelora.testing import assert_knn_match
 
 CPU_BACKENDS = usable_backends("cpu")
 
-dadapy = pytest.importorskip("dadapy")
-skdim = pytest.importorskip("skdim")
+
+def _outside(name: str):
+    """DADApy or scikit-dimension for the agreement tests only (skipped without them; the exactness
+    tests of this file need neither)."""
+    return pytest.importorskip(name)
 
 
 def _dadapy_id(x: np.ndarray, algorithm: str) -> float:
+    dadapy = _outside("dadapy")
     data = dadapy.Data(coordinates=np.asarray(x, dtype=np.float64), verbose=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -23,6 +27,7 @@ def _dadapy_id(x: np.ndarray, algorithm: str) -> float:
 
 
 def _skdim_id(x: np.ndarray, method: str = "linear") -> float:
+    skdim = _outside("skdim")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return float(skdim.id.TwoNN(method=method).fit(np.asarray(x, dtype=np.float64)).dimension_)
@@ -316,6 +321,7 @@ MANIFOLDS = ["M1_Sphere", "M7_Roll", "M9_Affine", "M5a_Helix1d", "M10a_Cubic", "
 
 @pytest.fixture(scope="module")
 def manifolds():
+    skdim = _outside("skdim")
     bm = skdim.datasets.BenchmarkManifolds(random_state=0)
     truth = bm.truth
     out = {}
@@ -398,6 +404,35 @@ def test_unique_rows_signed_zero_and_collisions():
     for dt in (torch.float16, torch.bfloat16, torch.float64):
         keep, n_dup = gelora.unique_rows(x.to(dt))
         assert keep.tolist() == [0, 2, 4]
+
+
+def test_unique_rows_hash_collision_falls_back_to_the_exact_path():
+    """Distinct rows whose hashes collide (here every hash forced equal) are not merged: the verification
+    sees the mismatch and the exact path keeps the first occurrence of every distinct row."""
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(50, 7, generator=g)
+    x = torch.cat([base, base[[3, 9, 9, 40]]])
+    keep, n_dup = gelora.unique_rows(x, torch.zeros(x.shape[0], dtype=torch.int64))
+    assert keep.tolist() == list(range(50)) and n_dup == 4
+    # and with the real hashes the same answer
+    keep2, n_dup2 = gelora.unique_rows(x)
+    assert torch.equal(keep, keep2) and n_dup2 == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_knn_reference_is_the_brute_force_on_ordinary_data(dtype):
+    """The float64 reference against plain float64 brute force (all pairwise direct differences) on
+    ordinary data: offset Gaussian points, k = 1, 3, 7."""
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(700, 33, generator=g, dtype=torch.float64) * 2 + 3).to(dtype)
+    x64 = x.double()
+    d2 = torch.cdist(x64, x64, compute_mode="donot_use_mm_for_euclid_dist")
+    d2.fill_diagonal_(float("inf"))
+    want_d, want_i = torch.sort(d2, dim=1, stable=True)
+    for k in (1, 3, 7):
+        dist, idx = gelora.knn_reference(x, k)
+        torch.testing.assert_close(dist, want_d[:, :k], rtol=1e-13, atol=0.0)
+        assert torch.equal(idx, want_i[:, :k])
 
 
 def test_result_is_float_convertible():
