@@ -24,7 +24,8 @@ activation bytes saved for backward (see ``_lora_util``: dispatch-mode live-byte
 Sweep: d in {384, 1024, 4096}, r in {4, 8, 16, 64}, tokens in {512, 2048, 8192}, float32 on the CPU.
 ``--quick``: three shapes including the CPU target (under a minute on an idle 2-core box). ``--gpu``:
 bfloat16 on CUDA, d=4096, r in {8, 16, 64}, 2048 tokens (the first call of each shape autotunes the
-kernels: about 1-2 minutes in all). ``--device``/``--dtype``/``--d``/``--r``/``--tokens`` override.
+kernels: about 1-2 minutes in all; ``benchmarks/gpu_check.sh`` runs it with ``GELORA_LORA_TUNE_MAX=3``, three
+configs per kernel). ``--device``/``--dtype``/``--d``/``--r``/``--tokens`` override.
 Targets: CPU fp32 d=1024 r=16 2048 tokens, fused forward+backward >= 1.15x PEFT with lower peak
 memory; H200 bf16 d=4096 r in {8, 16, 64}, 2048 tokens, >= 1.3x.
 
@@ -305,8 +306,9 @@ def main(argv=None) -> int:
         del layers, x, g
         if device.type == "cuda":
             torch.cuda.empty_cache()
+        # shape by shape, so that a run stopped by a time limit keeps the shapes it finished
+        append_csv(args.csv, [row for row in rows if (row["d"], row["r"], row["tokens"]) == (d, r, m)])
 
-    append_csv(args.csv, rows)
     print(f"\n{len(rows)} rows appended to {args.csv}; {time.perf_counter() - t_start:.0f} s")
     target = GPU_TARGET if args.gpu else CPU_TARGET
     for row in rows:

@@ -22,6 +22,7 @@ imports nothing of gelora (the kernels read it too).
 | ``GELORA_LORA_MERGE`` | CPU LoRA layer: ``auto``, ``always`` or ``never`` merge the weights | ``auto`` |
 | ``GELORA_LORA_CPU_KERNEL`` | use the C++ LoRA kernels on the CPU | on |
 | ``GELORA_LORA_TUNE`` | autotune the Triton LoRA kernels | on |
+| ``GELORA_LORA_TUNE_MAX`` | tune over at most the first N configurations of each LoRA kernel (0: all) | 0 |
 | ``TRITON_INTERPRET`` | Triton runs kernels in its CPU interpreter (read when the kernels are imported) | off |
 """
 from __future__ import annotations

@@ -61,6 +61,10 @@ MAX_BLOCK_R = 64
 #: ``GELORA_LORA_TUNE=0`` keeps only the first (fitting) tile configuration of each kernel: no autotuning,
 #: for quick correctness runs on a GPU. Read when this module is imported.
 TUNE = _env.flag("GELORA_LORA_TUNE", True)
+#: ``GELORA_LORA_TUNE_MAX=N`` tunes over at most the first N (fitting) configurations of each kernel: a
+#: short tuning pass (``benchmarks/gpu_check.sh`` uses 3: about 20 compilations for three ranks instead of
+#: ~70). Unset or 0: no limit. Read when this module is imported.
+TUNE_MAX = _env.integer("GELORA_LORA_TUNE_MAX", 0, minimum=0)
 
 #: Shared-memory budget of one program when pruning configurations before compiling them (bytes):
 #: Hopper allows 227 KiB per block, Ampere 163 KiB; a configuration that still does not fit is
@@ -127,6 +131,8 @@ def _gemm_configs():
     wgmma, and smaller tiles for skinny outputs (k/v projections). Not yet measured on our side: the
     autotuner picks per (M, N, K, R, dtype) on first use, about 1-3 s of compilation per configuration
     for bf16 (measured offline for sm_90 with Triton 3.7's bundled ptxas), 10 s for fp32 IEEE tiles.
+    The first three differ in tile size and warps (a short tuning pass, :data:`TUNE_MAX` = 3, still
+    tries one of each kind); the first is the one used without tuning.
     """
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "GROUP_M": 2}, num_warps=1,
@@ -134,10 +140,10 @@ def _gemm_configs():
     cfg = triton.Config
     return [
         cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
         cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
         cfg({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+        cfg({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+        cfg({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
         cfg({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
         cfg({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
         cfg({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
@@ -153,11 +159,18 @@ def _prune_gemm(configs, named_args, **kwargs):
            if c.num_stages * (c.kwargs["BLOCK_M"] + c.kwargs["BLOCK_N"]) * c.kwargs["BLOCK_K"] * size
            <= SMEM_BUDGET]
     fit = fit or configs[-1:]
-    return fit if TUNE else fit[:1]
+    return _limit(fit)
 
 
 def _prune_shrink(configs, named_args, **kwargs):
-    return configs if TUNE else configs[:1]
+    return _limit(configs)
+
+
+def _limit(configs):
+    """The configurations to tune over: one without tuning, the first :data:`TUNE_MAX` with a limit."""
+    if not TUNE:
+        return configs[:1]
+    return configs[:TUNE_MAX] if TUNE_MAX > 0 else configs
 
 
 def _shrink_configs():

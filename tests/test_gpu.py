@@ -3,7 +3,10 @@
 Covers what the CPU interpreter cannot: tensor-core tiles (fp16, bf16, tf32) against float64
 brute force on the device, the error bound under the tensor cores' real rounding, the symmetric
 tiles' column lists (a race would show as a moving result), chunking, streaming from pinned host
-memory, and the pipeline end to end. Shapes stay at a few thousand rows (seconds, plus compilation).
+memory, and the pipeline end to end. Every point set has a duplicated row; ``massive`` adds the
+massive activations of LLM hidden states (Sun et al. 2024): a few rows with one coordinate +3000, one
+of them repeated like a first token, which set the fp16 operand scale for every row. Shapes stay at a
+few thousand rows (seconds, plus compilation). ``benchmarks/gpu_check.sh`` runs this file first.
 """
 from __future__ import annotations
 
@@ -24,17 +27,21 @@ def _triton():
     all_backends()
 
 
-def _points(n, d, kind="manifold", seed=0, dtype=torch.float32, dup=True):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    if kind == "manifold":
-        z = torch.randn(n, 8, device="cuda", generator=g)
-        x = torch.tanh(z @ torch.randn(8, 64, device="cuda", generator=g)) @ \
-            torch.randn(64, d, device="cuda", generator=g) + 3.0
+def _points(n, d, kind="manifold", seed=0, dtype=torch.float32, dup=True, device="cuda"):
+    g = torch.Generator(device=device).manual_seed(seed)
+    if kind in ("manifold", "massive"):
+        z = torch.randn(n, 8, device=device, generator=g)
+        x = torch.tanh(z @ torch.randn(8, 64, device=device, generator=g)) @ \
+            torch.randn(64, d, device=device, generator=g) + 3.0
+        if kind == "massive":  # a few rows with one huge coordinate; row 1 repeats row 0 (a first token)
+            rows = torch.tensor([0, n // 3, (2 * n) // 3], device=device)
+            x[rows, min(1, d - 1)] += 3000.0
+            x[1] = x[0]
     elif kind == "outlier":
-        x = torch.randn(n, d, device="cuda", generator=g)
+        x = torch.randn(n, d, device=device, generator=g)
         x[0] *= 1000.0
     elif kind == "lattice":
-        x = torch.randint(0, 3, (n, d), device="cuda", generator=g).float()
+        x = torch.randint(0, 3, (n, d), device=device, generator=g).float()
     else:
         raise ValueError(kind)
     if dup:
@@ -72,16 +79,31 @@ def _check_candidates(xc, d2, idx, err, rows, what):
     return ratio
 
 
+def _check_neighbours(x, dist, idx, ref, what):
+    """Exact 2-NN against the float64 reference, tolerating ties: the distances match, the float64
+    distance to each returned neighbour is the reference distance of its rank, and no row is its own
+    neighbour (a duplicate is a neighbour at distance 0)."""
+    x64 = x.double()
+    assert torch.allclose(dist.double(), ref, rtol=1e-5, atol=1e-5), \
+        f"{what}: max |dist - ref| = {float((dist.double() - ref).abs().max()):.3g}"
+    at = torch.stack([(x64[idx[:, j]] - x64).pow(2).sum(-1).sqrt() for j in range(idx.shape[1])], 1)
+    assert torch.allclose(at, ref, rtol=1e-5, atol=1e-5), f"{what}: a returned index is not at the reference distance"
+    own = idx == torch.arange(x.shape[0], device=idx.device)[:, None]
+    assert not bool(own.any()), f"{what}: a row is its own neighbour"
+
+
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "tf32", "ieee"])
-@pytest.mark.parametrize("kind", ["manifold", "outlier", "lattice"])
+@pytest.mark.parametrize("kind", ["manifold", "outlier", "lattice", "massive"])
 def test_candidates_and_bound_on_device(precision, kind):
     from gelora.knn.engines.triton import triton_candidates
     from gelora.knn.points import centre
 
-    n, d = (1025, 59) if kind != "manifold" else (4097, 768)
+    n, d = (1025, 59) if kind in ("outlier", "lattice") else (4097, 768)
     xc = centre(_points(n, d, kind))
     d2, idx, err = triton_candidates(xc, 4, precision=precision)
     rows = torch.arange(0, n, max(1, n // 1024), device="cuda")
+    if kind == "massive":  # every massive row and both copies of the repeated one
+        rows = torch.unique(torch.cat([rows, torch.tensor([0, 1, n // 3, (2 * n) // 3], device="cuda")]))
     _check_candidates(xc, d2, idx, err, rows, f"{kind} {precision}")
 
 
@@ -109,18 +131,20 @@ def test_symmetric_chunked_streamed_agree_and_are_deterministic():
     assert torch.allclose(d_h, runs[0][0].cpu(), rtol=0, atol=tol)
 
 
+@pytest.mark.parametrize("kind", ["manifold", "massive"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
-def test_pipeline_matches_reference(dtype):
+def test_pipeline_matches_reference(dtype, kind):
     import gelora
 
-    x = _points(5000, 384, dtype=dtype, seed=2)
+    x = _points(5000, 384, kind, dtype=dtype, seed=2)
     dist, idx = gelora.knn2(x, backend="triton")
     rd, _ = gelora.knn_reference(x, k=2)
-    assert torch.allclose(dist.double(), rd, rtol=1e-5, atol=1e-5), (dist.double() - rd).abs().max()
+    _check_neighbours(x, dist, idx, rd, f"{kind} {dtype}")
     r_t = gelora.twonn(x, backend="triton")
     r_r = gelora.twonn(x, backend="torch")
     assert r_t.backend == "triton" and abs(r_t.id - r_r.id) <= 1e-6 * r_r.id, (r_t.id, r_r.id)
-    assert r_t.n_fixed <= 5, r_t.n_fixed
+    assert r_t.n_duplicates == r_r.n_duplicates == (2 if kind == "massive" else 1)
+    assert r_t.n_fixed <= 5 + (4 if kind == "massive" else 0), r_t.n_fixed
 
 
 def test_host_input_is_streamed(monkeypatch):

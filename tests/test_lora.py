@@ -689,6 +689,22 @@ def test_forced_triton_without_gpu_raises_with_reasons():
         L.lora_linear(*_args(), 1.0, backend="triton")
 
 
+@pytest.mark.skipif(not K.HAS_TRITON, reason="needs triton")
+def test_tuning_keeps_one_or_the_first_configs(monkeypatch):
+    import triton
+
+    cfgs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=s)
+            for s in (1, 2, 3, 4, 5)]
+    x = torch.empty(2, 2, dtype=torch.bfloat16)
+    monkeypatch.setattr(K, "TUNE", True)
+    monkeypatch.setattr(K, "TUNE_MAX", 0)
+    assert K._prune_gemm(cfgs, {"X": x}) == cfgs and K._prune_shrink(cfgs, {}) == cfgs
+    monkeypatch.setattr(K, "TUNE_MAX", 3)  # GELORA_LORA_TUNE_MAX=3, as benchmarks/gpu_check.sh sets it
+    assert K._prune_gemm(cfgs, {"DY": x}) == cfgs[:3] and K._prune_shrink(cfgs, {}) == cfgs[:3]
+    monkeypatch.setattr(K, "TUNE", False)  # GELORA_LORA_TUNE=0 wins
+    assert K._prune_gemm(cfgs, {"X": x}) == cfgs[:1] and K._prune_shrink(cfgs, {}) == cfgs[:1]
+
+
 @needs_peft
 def test_fuse_config_validates_and_reports_skips():
     with pytest.raises(ValueError, match="unknown LoRA backend"):
