@@ -124,37 +124,8 @@ def reference_rows(
     sq_max = None
     for s in range(0, m, block):
         r = rows[s : s + block]
-        b = r.shape[0]
-        q = src[r].to(torch.float64, copy=True)  # (gathered: a copy already, but never in place)
-        if sub is not None:
-            q.sub_(sub)
-        sq_q = (q * q).sum(1)
-        best_d = torch.full((b, kc), float("inf"), dtype=torch.float64, device=dev)
-        best_i = torch.full((b, kc), -1, dtype=torch.int64, device=dev)
-        top = torch.zeros((), dtype=torch.float64, device=dev)
-        for c0 in range(0, n, step):
-            c1 = min(n, c0 + step)
-            if sub is not None:  # a float64 copy (never the caller's float64 points in place)
-                kb = src[c0:c1].to(torch.float64, copy=True).sub_(sub)
-            else:
-                kb = src[c0:c1].to(torch.float64)
-            sk = (kb * kb).sum(1)
-            top = torch.maximum(top, sk.max())
-            tile = torch.addmm(sk.unsqueeze(0), q, kb.T, beta=1.0, alpha=-2.0)
-            del kb
-            tile.add_(sq_q.unsqueeze(1))
-            hit = torch.nonzero((r >= c0) & (r < c1)).flatten()
-            if hit.numel():
-                tile[hit, r[hit] - c0] = float("inf")  # the row itself, by index
-            kk = min(kc, c1 - c0)
-            td, ti = torch.topk(tile, kk, dim=1, largest=False)
-            del tile
-            cd = torch.cat([best_d, td], 1)
-            ci = torch.cat([best_i, ti + c0], 1)
-            best_d, sel = torch.topk(cd, kc, dim=1, largest=False, sorted=True)
-            best_i = torch.gather(ci, 1, sel)
+        sc, best_i, sq_q, top = _shortcut_candidates(src, sub, r, kc, step)
         sq_max = top if sq_max is None else sq_max
-        sc = best_d
         # candidates by index, then a stable sort of their direct distances: ties by index
         cand = torch.sort(best_i, dim=1).values
         exact = direct_sq_dist(x, r, cand, dtype=torch.float64)
@@ -175,6 +146,50 @@ def reference_rows(
         out_d[s : s + block] = bd_k
         out_i[s : s + block] = bi_k
     return out_d, out_i
+
+
+def _shortcut_candidates(
+    src: torch.Tensor, sub: Optional[torch.Tensor], r: torch.Tensor, kc: int, step: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The ``kc`` smallest float64 shortcut distances of the rows ``r`` of ``src - sub`` (``sub``: the
+    float64 mean, or None) to all rows, as a running top-``kc`` over chunks of ``step`` rows converted
+    to float64 one at a time (the row itself excluded by index).
+
+    Returns:
+        (b, kc) float64 shortcut values ascending, (b, kc) int64 indices, (b,) float64 squared norms of
+        the centred query rows, and the largest squared norm of all centred rows (0-d float64).
+    """
+    n = src.shape[0]
+    dev = src.device
+    b = r.shape[0]
+    q = src[r].to(torch.float64, copy=True)  # (gathered: a copy already, but never in place)
+    if sub is not None:
+        q.sub_(sub)
+    sq_q = (q * q).sum(1)
+    best_d = torch.full((b, kc), float("inf"), dtype=torch.float64, device=dev)
+    best_i = torch.full((b, kc), -1, dtype=torch.int64, device=dev)
+    top = torch.zeros((), dtype=torch.float64, device=dev)
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        if sub is not None:  # a float64 copy (never the caller's float64 points in place)
+            kb = src[c0:c1].to(torch.float64, copy=True).sub_(sub)
+        else:
+            kb = src[c0:c1].to(torch.float64)
+        sk = (kb * kb).sum(1)
+        top = torch.maximum(top, sk.max())
+        tile = torch.addmm(sk.unsqueeze(0), q, kb.T, beta=1.0, alpha=-2.0)
+        del kb
+        tile.add_(sq_q.unsqueeze(1))
+        hit = torch.nonzero((r >= c0) & (r < c1)).flatten()
+        if hit.numel():
+            tile[hit, r[hit] - c0] = float("inf")  # the row itself, by index
+        td, ti = torch.topk(tile, min(kc, c1 - c0), dim=1, largest=False)
+        del tile
+        cd = torch.cat([best_d, td], 1)
+        ci = torch.cat([best_i, ti + c0], 1)
+        best_d, sel = torch.topk(cd, kc, dim=1, largest=False, sorted=True)
+        best_i = torch.gather(ci, 1, sel)
+    return best_d, best_i, sq_q, top
 
 
 def _brute_rows(x: torch.Tensor, rows: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -316,62 +316,8 @@ def triton_candidates(
         keys = KeyIndex.build(st.norm, st.eps)
         stats = [st]
     else:
-        cd = torch.full((n, kc), float("inf"), dtype=torch.float32, device=dev)
-        ci = torch.full((n, kc), -1, dtype=torch.int64, device=dev)
-        stats: List[Optional[OperandStats]] = [None] * len(bounds)
-        live = {}  # chunk -> operand; at most the two chunks of the current pair stay resident
-
-        def get(c: int) -> OperandStats:
-            if c not in live:
-                for old in [o for o in live if o not in keep]:
-                    del live[old]
-                s0, s1 = bounds[c]
-                st = prepare_operand(x[s0:s1], precision, scale, align, dev)
-                live[c] = st.op
-                if stats[c] is None:
-                    stats[c] = _slim(st)
-            st = stats[c]
-            return OperandStats(op=live[c], sq=st.sq, norm=st.norm, eps=st.eps, n=st.n)
-
-        def merge(rows: slice, nd: torch.Tensor, ni: torch.Tensor) -> None:
-            dd = torch.cat([cd[rows], nd], 1)
-            ii = torch.cat([ci[rows], ni], 1)
-            v, sel = torch.topk(dd, kc, dim=1, largest=False, sorted=True)
-            cd[rows] = v
-            ci[rows] = torch.gather(ii, 1, sel)
-
-        def shift(i: torch.Tensor, off: int) -> torch.Tensor:
-            return torch.where(i >= 0, i + off, i)
-
-        for ca, (a0, a1) in enumerate(bounds):
-            keep = {ca}
-            sa = get(ca)
-            if ca == 0 and config is None and dev.type == "cuda" and _env.flag("GELORA_TRITON_AUTOTUNE", True):
-                k.tune_config(sa.op, kc, precision=dot_prec, symmetric=symmetric)
-            ra = slice(a0, a1)
-            nd, ni, _, _ = k.knn_top2(sa.op, kc, n_a=sa.n, sq_a=sa.sq, a_offset=a0,
-                                      tau_a=cd[ra, -1].contiguous(), symmetric=symmetric,
-                                      precision=dot_prec, config=config)
-            merge(ra, nd, shift(ni, a0))
-            for cb in range(ca + 1, len(bounds)):
-                keep = {ca, cb}
-                b0, b1 = bounds[cb]
-                sb = get(cb)
-                rb = slice(b0, b1)
-                da, ia, db, ib = k.knn_top2(
-                    sa.op, kc, b=sb.op, n_a=sa.n, n_b=sb.n, sq_a=sa.sq, sq_b=sb.sq,
-                    a_offset=a0, b_offset=b0, tau_a=cd[ra, -1].contiguous(),
-                    tau_b=cd[rb, -1].contiguous(), symmetric=symmetric, precision=dot_prec,
-                    config=config)
-                merge(ra, da, shift(ia, b0))
-                if not symmetric:
-                    db, ib, _, _ = k.knn_top2(
-                        sb.op, kc, b=sa.op, n_a=sb.n, n_b=sa.n, sq_a=sb.sq, sq_b=sa.sq,
-                        a_offset=b0, b_offset=a0, tau_a=cd[rb, -1].contiguous(),
-                        symmetric=False, precision=dot_prec, config=config)
-                merge(rb, db, shift(ib, a0))
-            keep = set()
-        live.clear()
+        cd, ci, stats = _search_chunk_pairs(x, kc, bounds, precision, scale, align, dot_prec, symmetric,
+                                            config, dev)
         keys = KeyIndex.build(torch.cat([s.norm for s in stats]), torch.cat([s.eps for s in stats]))
 
     cand_d2 = cd * (scale * scale)
@@ -380,6 +326,76 @@ def triton_candidates(
     err = tile_error_bound(cand_d2[:, -1], q, keys, scale, precision, dim_pad, tensor_cores)
     out = x.device
     return cand_d2.to(out), ci.to(out), err.to(torch.float32).to(out)
+
+
+def _search_chunk_pairs(x, kc, bounds, precision, scale, align, dot_prec, symmetric, config, dev):
+    """The chunked search of :func:`triton_candidates`: the chunk pairs ``a <= b`` one at a time (symmetric
+    tiles across chunks), at most the two chunks of the current pair resident, the running kc-th
+    distances of earlier pairs pruning the later ones.
+
+    Returns:
+        (N, kc) float32 candidate values (operand units) ascending, (N, kc) int64 indices, and the
+        statistics of every chunk (:class:`OperandStats` without the operand).
+    """
+    k = _kernels()
+    n = x.shape[0]
+    cd = torch.full((n, kc), float("inf"), dtype=torch.float32, device=dev)
+    ci = torch.full((n, kc), -1, dtype=torch.int64, device=dev)
+    stats: List[Optional[OperandStats]] = [None] * len(bounds)
+    live = {}  # chunk -> operand; at most the two chunks of the current pair stay resident
+
+    def get(c: int) -> OperandStats:
+        if c not in live:
+            for old in [o for o in live if o not in keep]:
+                del live[old]
+            s0, s1 = bounds[c]
+            st = prepare_operand(x[s0:s1], precision, scale, align, dev)
+            live[c] = st.op
+            if stats[c] is None:
+                stats[c] = _slim(st)
+        st = stats[c]
+        return OperandStats(op=live[c], sq=st.sq, norm=st.norm, eps=st.eps, n=st.n)
+
+    def merge(rows: slice, nd: torch.Tensor, ni: torch.Tensor) -> None:
+        dd = torch.cat([cd[rows], nd], 1)
+        ii = torch.cat([ci[rows], ni], 1)
+        v, sel = torch.topk(dd, kc, dim=1, largest=False, sorted=True)
+        cd[rows] = v
+        ci[rows] = torch.gather(ii, 1, sel)
+
+    def shift(i: torch.Tensor, off: int) -> torch.Tensor:
+        return torch.where(i >= 0, i + off, i)
+
+    for ca, (a0, a1) in enumerate(bounds):
+        keep = {ca}
+        sa = get(ca)
+        if ca == 0 and config is None and dev.type == "cuda" and _env.flag("GELORA_TRITON_AUTOTUNE", True):
+            k.tune_config(sa.op, kc, precision=dot_prec, symmetric=symmetric)
+        ra = slice(a0, a1)
+        nd, ni, _, _ = k.knn_top2(sa.op, kc, n_a=sa.n, sq_a=sa.sq, a_offset=a0,
+                                  tau_a=cd[ra, -1].contiguous(), symmetric=symmetric,
+                                  precision=dot_prec, config=config)
+        merge(ra, nd, shift(ni, a0))
+        for cb in range(ca + 1, len(bounds)):
+            keep = {ca, cb}
+            b0, b1 = bounds[cb]
+            sb = get(cb)
+            rb = slice(b0, b1)
+            da, ia, db, ib = k.knn_top2(
+                sa.op, kc, b=sb.op, n_a=sa.n, n_b=sb.n, sq_a=sa.sq, sq_b=sb.sq,
+                a_offset=a0, b_offset=b0, tau_a=cd[ra, -1].contiguous(),
+                tau_b=cd[rb, -1].contiguous(), symmetric=symmetric, precision=dot_prec,
+                config=config)
+            merge(ra, da, shift(ia, b0))
+            if not symmetric:
+                db, ib, _, _ = k.knn_top2(
+                    sb.op, kc, b=sa.op, n_a=sb.n, n_b=sa.n, sq_a=sb.sq, sq_b=sa.sq,
+                    a_offset=b0, b_offset=a0, tau_a=cd[rb, -1].contiguous(),
+                    symmetric=False, precision=dot_prec, config=config)
+            merge(rb, db, shift(ib, a0))
+        keep = set()
+    live.clear()
+    return cd, ci, stats
 
 
 def _slim(st: OperandStats) -> OperandStats:
