@@ -19,6 +19,8 @@ import torch
 from torch import nn
 
 import gelora.lora as L
+import gelora.lora.backends  # noqa: F401  (patched below)
+import gelora.lora.inject  # noqa: F401
 from gelora.knn.engines import BackendUnavailable
 from gelora.kernels import lora as K
 
@@ -261,7 +263,7 @@ def test_gradcheck_grouped_float64():
 def _count_paths(monkeypatch):
     """Counts merges and calls of the C++ weight-gradient kernel."""
     calls = {"merge": 0, "kernel": 0}
-    orig_merge, orig_kernel = L.TorchLoraBackend.merged_weights, L._cpu_lora_grad
+    orig_merge, orig_kernel = L.TorchLoraBackend.merged_weights, gelora.lora.backends._cpu_lora_grad
 
     def merge(*a):
         calls["merge"] += 1
@@ -278,7 +280,7 @@ def _count_paths(monkeypatch):
         return counted
 
     monkeypatch.setattr(L.TorchLoraBackend, "merged_weights", staticmethod(merge))
-    monkeypatch.setattr(L, "_cpu_lora_grad", kernel)
+    monkeypatch.setattr(gelora.lora.backends, "_cpu_lora_grad", kernel)
     return calls
 
 
@@ -568,7 +570,8 @@ def test_sibling_groups_one_launch_and_cross_input_switch_off(monkeypatch):
                                    "base_model.model.v_proj")]
     calls = []
     orig = L.lora_grouped_linear
-    monkeypatch.setattr(L, "lora_grouped_linear", lambda *a, **k: calls.append(len(a[1])) or orig(*a, **k))
+    monkeypatch.setattr(gelora.lora.inject, "lora_grouped_linear",
+                        lambda *a, **k: calls.append(len(a[1])) or orig(*a, **k))
     compare_models(fused, eager, torch.randn(2, 7, 40), "grouped")
     assert sorted(set(calls)) == [2, 3], calls  # q/k/v in one launch, gate/up in one launch
     # a sibling called with another input (cross-attention): grouping switches off, results stay right
