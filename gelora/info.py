@@ -5,6 +5,8 @@ import importlib.util
 import platform
 import sys
 
+from . import _env
+
 
 def _version(mod: str) -> str:
     if importlib.util.find_spec(mod) is None:
@@ -44,11 +46,8 @@ def report() -> str:
         lines.append(f"  {name:7s} {'usable ' if usable else 'missing'}  {desc}")
         for r in reasons:
             lines.append(f"           - {r}")
-    try:
-        from gelora import _C
-        isa = _C.info()["isas"][0] if hasattr(_C, "lora_grad") else None
-    except ImportError:
-        isa = None
+    core = _env.core()
+    isa = core.info()["isas"][0] if core is not None and hasattr(core, "lora_grad") else None
     lines.append("  CPU float32 weight gradients: " + (f"one-pass C++ kernel ({isa})" if isa else
                                                       "BLAS calls (gelora._C is not built)"))
     return "\n".join(lines)
