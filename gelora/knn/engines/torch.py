@@ -99,6 +99,9 @@ def blocked_topk_sq(
                 tile[r - q0, r + shift - k0] = float("inf")
             kk = min(kc, k1 - k0)
             d, i = torch.topk(tile, kk, dim=1, largest=False, sorted=False)
+            if k0 == 0 and kk == kc:  # the first key block fills the list: nothing to merge yet
+                best_d, best_i = d, i
+                continue
             cd = torch.cat([best_d, d], dim=1)
             ci = torch.cat([best_i, i + k0], dim=1)
             best_d, sel = torch.topk(cd, kc, dim=1, largest=False, sorted=False)
