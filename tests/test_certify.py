@@ -151,3 +151,16 @@ def test_norm_shell_rows_are_exact_for_outliers(centred):
     torch.testing.assert_close(sd2, want_d2[got], rtol=1e-12, atol=0.0)
     assert torch.equal(si, want_i[got])  # ties (the duplicate pair's equal distances) by index
     assert bool((si != got.unsqueeze(1)).all())
+
+
+def test_norm_shell_leaves_wide_shells_to_the_reference():
+    """Ordinary rows of concentrated norms have shells holding most points: the elementwise shell search
+    would cost far more than the reference's GEMM, so those rows are left to it (it took 10x longer on
+    MiniLM token states when it did not)."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(4000, 24, generator=g) + 3.0
+    xc, _ = points.centre_and_mean(x, torch.float32)
+    rows = torch.arange(0, 4000, 97)
+    _, want_d2, _ = _brute(x, 2)
+    done, _, _ = reference.norm_shell_rows(x, xc, rows, 2, want_d2[rows, -1].float() * (1 + 1e-6), True)
+    assert done.numel() == 0, done
