@@ -136,21 +136,28 @@ def _fit_weighted(x: torch.Tensor, w: torch.Tensor, estimator: str, discard_frac
     c = torch.cumsum(w, dim=1)
     n = c[:, -1]
     n_keep = torch.floor(n * (1.0 - float(discard_fraction)))
+    if estimator == "mle_censored":
+        # the n_keep smallest: every copy of x[:at] and n_keep - c[at - 1] copies of x[at]
+        at = torch.searchsorted(c, n_keep.clamp_min(1).unsqueeze(1)).clamp_max(x.numel() - 1)
+        sx = torch.cumsum(w * x, dim=1)
+        below = (at - 1).clamp_min(0)
+        has = (at > 0).squeeze(1)
+        s_below = torch.where(has, torch.gather(sx, 1, below).squeeze(1), torch.zeros_like(n))
+        c_below = torch.where(has, torch.gather(c, 1, below).squeeze(1), torch.zeros_like(n))
+        last = x[at.squeeze(1)]
+        kept_sum = s_below + (n_keep - c_below) * last
+        out = (n_keep - 1) / (kept_sum + (n - n_keep) * last)
+        return torch.where((n_keep >= 2) & torch.isfinite(out), out, torch.full_like(out, float("nan")))
+    # linear: the plotting positions summed over the ranks each value occupies among the n_keep smallest
     upto = torch.minimum(c, n_keep.unsqueeze(1))
     before = torch.minimum(c - w, n_keep.unsqueeze(1))
-    kept = upto - before  # copies of x[j] among the n_keep smallest
-    if estimator == "mle_censored":
-        at = torch.searchsorted(c, n_keep.clamp_min(1).unsqueeze(1)).clamp_max(x.numel() - 1).squeeze(1)
-        last = x[at]
-        out = (n_keep - 1) / (kept @ x + (n - n_keep) * last)
-    else:  # linear
-        m = int(n_keep.max()) if n_keep.numel() else 0
-        i = torch.arange(0, m + 1, dtype=torch.float64).unsqueeze(0)
-        y = -torch.log1p(-i / n.clamp_min(1).unsqueeze(1))
-        y[:, 0] = 0.0
-        g = torch.cumsum(y, dim=1)  # g[:, k] = sum of the first k plotting positions
-        gy = torch.gather(g, 1, upto.long()) - torch.gather(g, 1, before.long())
-        out = (gy @ x.unsqueeze(1)).squeeze(1) / (kept @ (x * x))
+    m = int(n_keep.max()) if n_keep.numel() else 0
+    i = torch.arange(0, m + 1, dtype=torch.float64).unsqueeze(0)
+    y = -torch.log1p(-i / n.clamp_min(1).unsqueeze(1))
+    y[:, 0] = 0.0
+    g = torch.cumsum(y, dim=1)  # g[:, k] = sum of the first k plotting positions
+    gy = torch.gather(g, 1, upto.long()) - torch.gather(g, 1, before.long())
+    out = (gy @ x.unsqueeze(1)).squeeze(1) / ((upto - before) @ (x * x))
     return torch.where((n_keep >= 2) & torch.isfinite(out), out, torch.full_like(out, float("nan")))
 
 
