@@ -253,6 +253,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         modules=(targets if targets is not None else "all-linear") if args.per_module else None,
         progress=not args.quiet, paired_bootstrap=args.paired_bootstrap, bootstrap_unit=args.bootstrap_unit,
+        estimator=args.estimator,
     )
     t_alloc = time.perf_counter()
     alloc = allocate_ranks(prof, rule=args.rule, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
@@ -367,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="points sampled per layer "
                     f"(default {DEFAULT_MAX_TOKENS})")
     pp.add_argument("--pooling", choices=["tokens", "mean", "cls", "last"], default="tokens")
+    pp.add_argument("--estimator", choices=["mle", "mle_censored", "linear"], default="mle",
+                    help="TwoNN estimator (default mle; mle_censored drops the largest 10%% of the ratios)")
     pp.add_argument("--budget", default=None, help="trainable-parameter budget: a count, or rN for the "
                     "parameters of uniform rank N on the same modules (default: none, the plain GeLoRA ranks)")
     pp.add_argument("--target-modules", default=None, help="comma-separated module names (PEFT suffix "

@@ -130,10 +130,13 @@ def test_profile_rules_and_the_bootstrap_switch(tiny_model_dir, texts_file, tmp_
     assert int(last[6]) == report["profile"]["n_fixed"][-1]
     # the paired rule: its real bounds in a column, and no warning (its ranks do not use the ceiling)
     rc, stdout, err = run(base + ["--out", str(tmp_path / "b"), "--rule", "paired", "--budget", "r4",
-                                  "--bootstrap-unit", "token", "--paired-bootstrap", "300"], capsys)
+                                  "--bootstrap-unit", "token", "--paired-bootstrap", "300",
+                                  "--estimator", "mle_censored"], capsys)
     assert rc == 0, err
-    alloc = json.loads((tmp_path / "b" / "report.json").read_text())["allocation"]
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    alloc = report["allocation"]
     assert alloc["rule"] == "paired" and alloc["z"] == 2.0 and alloc["bootstrap_unit"] == "token"
+    assert report["profile"]["estimator"] == "mle_censored"
     header = next(line for line in stdout.splitlines() if line.startswith("layer")).split()
     assert header[-2:] == ["paired", "rank"] and "warning" not in err
     for i in range(3):
