@@ -25,7 +25,7 @@ The paired rule (``rule="paired"``)
 -----------------------------------
 The paper's rule rounds twice: the ceiling of each difference, then (with a budget) the scaled
 targets. The first rounding turns a growth of 0.01 against -0.01 into the bounds 2 and 1, and the
-budget scale (about 4-7 at ``"r8"``) turns those into ranks 9 and 5. The paired rule keeps the bound
+budget scale (about 3-7 at ``"r8"``) turns those into ranks 9 and 5. The paired rule keeps the bound
 real-valued and counts only the growth the data support::
 
     b_i = 1 + max(delta_i - z * sd_i, 0)            (z = 2 unless given)
