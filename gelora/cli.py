@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import math
 import os
 import platform
 import sys
@@ -101,7 +102,11 @@ def _plot(path: Path, prof: Any, alloc: Any, title: str) -> None:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), constrained_layout=True)
+    probs = list(getattr(alloc, "bound_probs", []) or [])
+    if probs:
+        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True)
+    else:
+        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), constrained_layout=True)
     xs = list(range(len(prof.ids)))
     ax1.errorbar(xs, prof.ids, yerr=[1.96 * e for e in prof.stderr], fmt="o-", capsize=3, color="C0")
     ax1.set_xticks(xs)
@@ -112,7 +117,8 @@ def _plot(path: Path, prof: Any, alloc: Any, title: str) -> None:
     ax1.grid(alpha=0.3)
     xb = list(range(len(alloc.ranks)))
     ax2.bar(xb, alloc.ranks, color="C1", label="allocated rank")
-    ax2.plot(xb, alloc.lower_bounds, "k_", markersize=14, mew=2, label="GeLoRA bound")
+    ax2.plot(xb, alloc.lower_bounds, "k_", markersize=14, mew=2,
+             label="paired bound" if alloc.rule == "paired" else "GeLoRA bound")
     if alloc.per_module:
         ax2.set_xlabel("module (model order)")
         ticks = [i for i in xb if i == 0 or alloc.blocks[i] != alloc.blocks[i - 1]]
@@ -127,8 +133,71 @@ def _plot(path: Path, prof: Any, alloc: Any, title: str) -> None:
     ax2.set_title(f"ranks ({alloc.rule}{budget})", fontsize=9)
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
+    if probs:
+        _plot_bound_probs(ax3, alloc, probs, ax2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_bound_probs(ax: Any, alloc: Any, probs: list, like: Any) -> None:
+    """Stacked bars: the probability of each GeLoRA bound per entry over the bootstrap replicates."""
+    from .ranks import NOISE_P
+
+    values = sorted({b for p in probs for b in p})
+    xb = list(range(len(probs)))
+    bottom = [0.0] * len(probs)
+    for j, b in enumerate(values):
+        h = [p.get(b, 0.0) for p in probs]
+        ax.bar(xb, h, bottom=bottom, color=f"C{j % 10}", label=f"bound {b}")
+        bottom = [x + y for x, y in zip(bottom, h)]
+    noisy = alloc.noisy()
+    if noisy:
+        ax.plot(noisy, [1.04] * len(noisy), "rv", markersize=6, label=f"P(bound) < {NOISE_P:g}")
+    ax.set_ylim(0, 1.3)
+    ax.set_xticks(like.get_xticks())
+    ax.set_xticklabels([t.get_text() for t in like.get_xticklabels()])
+    ax.set_xlim(like.get_xlim())
+    ax.set_xlabel(like.get_xlabel())
+    ax.set_ylabel("probability")
+    ax.set_title(f"GeLoRA bound over {alloc.n_boot} paired bootstrap replicates (unit: "
+                 f"{alloc.bootstrap_unit or 'given'}); {len(noisy)} of {len(probs)} decided by noise", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(len(values) + 1, 6), loc="upper right")
+
+
+def _block_table(prof: Any, alloc: Any) -> str:
+    """The profile's layer table with, on the row of each block's output, the block's ID growth, its
+    error (paired when there is a bootstrap), the GeLoRA bound and its probability, and the rank."""
+    lines = prof.summary().splitlines()
+    if alloc.per_module:
+        return "\n".join(lines)
+    has_p = bool(alloc.p_bound)
+    paired = alloc.rule == "paired"
+    head = f" {'growth':>7} {'+/-':>5} {'bound':>5}" + (f" {'P':>5}" if has_p else "")
+    head += (f" {'paired':>6}" if paired else "") + f" {'rank':>5}"
+    out = [lines[0] + head, lines[1]]
+    for i in range(len(alloc.ranks)):
+        se = alloc.delta_stderr[i] if alloc.delta_stderr else math.hypot(prof.stderr[i], prof.stderr[i + 1])
+        row = f" {alloc.deltas[i]:7.2f} {se:5.2f} {alloc.gelora_bounds[i]:5d}"
+        row += f" {alloc.p_bound[i]:5.2f}" if has_p else ""
+        row += f" {alloc.lower_bounds[i]:6.2f}" if paired else ""
+        out.append(lines[i + 2] + row + f" {alloc.ranks[i]:5d}")
+    return "\n".join(out)
+
+
+def _noise_warning(alloc: Any) -> Optional[str]:
+    """One line when the paper's bounds that the ranks come from are decided by noise."""
+    from .ranks import NOISE_P
+
+    noisy = alloc.noisy()
+    if not noisy or alloc.rule != "gelora":
+        return None
+    what = "modules" if alloc.per_module else "blocks"
+    names = [alloc.names[i] if alloc.per_module else str(alloc.blocks[i]) for i in noisy]
+    shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+    return (f"warning: {len(noisy)} of {len(alloc.ranks)} GeLoRA bounds are decided by noise "
+            f"(P(bound) < {NOISE_P:g} over {alloc.n_boot} paired bootstrap replicates; {what} {shown}): "
+            "another sample of the same data may give them other ranks; --rule paired counts only "
+            "the growth beyond 2 paired standard errors")
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -137,10 +206,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from .data import DataUnavailable, load_texts, vader_movie_sentences
     from .peft_bridge import lora_config, rank_costs
     from .profile import profile_model
-    from .ranks import allocate_ranks, parse_budget
+    from .ranks import NOISE_P, allocate_ranks, parse_budget
 
     if args.max_tokens < 3:
         raise CLIError(f"--max-tokens must be >= 3, got {args.max_tokens}")
+    if args.paired_bootstrap < 0 or args.paired_bootstrap == 1:
+        raise CLIError(f"--paired-bootstrap must be 0 (none) or >= 2, got {args.paired_bootstrap}")
+    if args.rule == "paired" and not args.paired_bootstrap:
+        raise CLIError("--rule paired needs the paired bootstrap (--paired-bootstrap N with N >= 2)")
     if args.threads:
         import torch
 
@@ -179,10 +252,14 @@ def cmd_profile(args: argparse.Namespace) -> int:
         model, corpus.texts, tokenizer=tok, max_tokens=args.max_tokens, pooling=args.pooling,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         modules=(targets if targets is not None else "all-linear") if args.per_module else None,
-        progress=not args.quiet,
+        progress=not args.quiet, paired_bootstrap=args.paired_bootstrap, bootstrap_unit=args.bootstrap_unit,
+        estimator=args.estimator,
     )
-    alloc = allocate_ranks(prof, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
+    t_alloc = time.perf_counter()
+    alloc = allocate_ranks(prof, rule=args.rule, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
                            cost=cost, z=args.z, per_module=args.per_module)
+    t_alloc = time.perf_counter() - t_alloc
+    warning = _noise_warning(alloc)
     cfg = lora_config(model, alloc, target_modules=targets, alpha_policy=args.alpha_policy, scaling=args.scaling,
                       lora_alpha=args.lora_alpha, anchor=not args.unanchored)
     cfg.base_model_name_or_path = str(model_path)
@@ -211,7 +288,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                  "scaling": args.scaling if args.alpha_policy == "constant_scaling" else None,
                  "lora_alpha": cfg.lora_alpha, "anchored_keys": not args.unanchored},
         "timings": {"data": t_data, "load_model": t_load, **{f"profile_{k}": v for k, v in prof.timings.items()},
-                    "total": total},
+                    "allocate": t_alloc, "total": total},
         "threads": __import__("torch").get_num_threads(),
         "versions": _versions(),
         "command": ["gelora"] + list(args.argv),
@@ -219,26 +296,35 @@ def cmd_profile(args: argparse.Namespace) -> int:
     }
     if plot_note:
         report["notes"] = [plot_note]
+    if warning:
+        report["warnings"] = [warning]
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
     print(f"model   {model_path} ({type(model).__name__}, {prof.n_blocks} blocks, {device}, "
           f"{str(dtype).replace('torch.', '')})")
     print(f"data    {corpus.provenance.get('name', '?')}: {len(corpus):,} texts, {prof.n_seen:,} "
           f"{'tokens' if prof.pooling == 'tokens' else 'sequences'} ({prof.pooling})")
-    print(prof.summary())
+    print(_block_table(prof, alloc))
     if alloc.per_module:
         print(f"ranks   per module: {len(alloc.ranks)} modules, min {min(alloc.ranks)}, max {max(alloc.ranks)}")
     else:
+        bounds = [b if isinstance(b, int) else round(b, 2) for b in alloc.lower_bounds]
         print("ranks   " + " ".join(f"b{i}:{r}" for i, r in enumerate(alloc.ranks))
-              + f"   (bounds {alloc.lower_bounds})")
+              + f"   ({alloc.rule} bounds {bounds})")
+    if alloc.p_bound:
+        print(f"bounds  {len(alloc.noisy())} of {len(alloc.ranks)} GeLoRA bounds with P < {NOISE_P:g} over "
+              f"{alloc.n_boot} paired bootstrap replicates (unit: {alloc.bootstrap_unit})")
     if alloc.budget is not None:
         print(f"budget  {alloc.budget:,} params, used {alloc.params:,}, leftover {alloc.leftover:,}")
     else:
         print(f"params  {alloc.params:,} trainable LoRA parameters")
-    print(f"time    {total:.1f} s (forward {prof.timings['forward']:.1f} s, TwoNN {prof.timings['estimate']:.1f} s)")
+    print(f"time    {total:.1f} s (forward {prof.timings['forward']:.1f} s, TwoNN {prof.timings['estimate']:.1f} s, "
+          f"bootstrap {prof.timings['bootstrap']:.1f} s)")
     print(f"wrote   {', '.join(str(out / f) for f in files)}")
     if plot_note:
         print(f"note    {plot_note}")
+    if warning:
+        print(f"gelora: {warning}", file=sys.stderr)
     return 0
 
 
@@ -282,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="points sampled per layer "
                     f"(default {DEFAULT_MAX_TOKENS})")
     pp.add_argument("--pooling", choices=["tokens", "mean", "cls", "last"], default="tokens")
+    pp.add_argument("--estimator", choices=["mle", "mle_censored", "linear"], default="mle",
+                    help="TwoNN estimator (default mle; mle_censored drops the largest 10%% of the ratios)")
     pp.add_argument("--budget", default=None, help="trainable-parameter budget: a count, or rN for the "
                     "parameters of uniform rank N on the same modules (default: none, the plain GeLoRA ranks)")
     pp.add_argument("--target-modules", default=None, help="comma-separated module names (PEFT suffix "
@@ -290,7 +378,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "module and allocate per module")
     pp.add_argument("--min-rank", type=int, default=1)
     pp.add_argument("--max-rank", type=int, default=None)
-    pp.add_argument("--z", type=float, default=0.0, help="count only ID growth beyond z standard errors")
+    pp.add_argument("--rule", choices=["gelora", "paired", "uniform"], default="gelora",
+                    help="gelora: the paper's bound max(ceil(growth), 0) + 1 (default); paired: the real bound "
+                    "1 + max(growth - z * paired sd, 0), rounded once after the budget scaling; uniform")
+    pp.add_argument("--z", type=float, default=None, help="count only ID growth beyond z standard errors "
+                    "(gelora: unpaired, default 0; paired: paired, default 2)")
+    pp.add_argument("--paired-bootstrap", type=int, default=1000, metavar="N", help="replicates of the paired "
+                    "bootstrap that gives each bound its probability (default 1000; 0: none)")
+    pp.add_argument("--bootstrap-unit", choices=["sequence", "token"], default="sequence",
+                    help="what a bootstrap replicate resamples (default: sequences)")
     pp.add_argument("--alpha-policy", choices=["constant_scaling", "constant_alpha"], default="constant_scaling")
     pp.add_argument("--scaling", type=float, default=2.0, help="alpha / r under constant_scaling (default 2)")
     pp.add_argument("--lora-alpha", type=float, default=None, help="alpha under constant_alpha (default 16)")

@@ -60,11 +60,13 @@ from torch import nn
 
 from .id.dedup import unique_rows
 from .id.estimate import ESTIMATORS, TwoNNResult
+from .id.paired import bootstrap_stderr, paired_bootstrap, twonn_rows
 from .id.twonn import twonn
 
 log = logging.getLogger("gelora")
 
 POOLINGS = ("tokens", "mean", "cls", "last")
+BOOTSTRAP_UNITS = ("sequence", "token")
 #: Largest finite float16 value; rows beyond it are kept in float32.
 _FP16_MAX = 65504.0
 #: Batches whose host copies may be in flight at once before the loop waits for the writer thread.
@@ -457,8 +459,89 @@ class ModuleProfile:
     n_points: int
     input_shared_with: Optional[str] = None
 
+    @property
+    def in_key(self) -> str:
+        """Key of the module's input sample (shared with ``input_shared_with``) in the profile's bootstrap."""
+        return f"in:{self.input_shared_with or self.name}"
+
+    @property
+    def out_key(self) -> str:
+        """Key of the module's output sample in the profile's bootstrap."""
+        return f"out:{self.name}"
+
     def to_dict(self) -> Dict[str, Any]:
         return dict(self.__dict__)
+
+
+@dataclass
+class PairedBootstrap:
+    """Paired bootstrap of every ID of a profile (:func:`gelora.id.paired.paired_bootstrap`).
+
+    All samples of a profile hold the same points in the same slots, so one replicate resamples the
+    points once for every set and gives a whole profile; an ID difference then keeps its pairing.
+
+    Attributes:
+        keys: the K point sets: ``"layer0"`` .. ``"layerL"``, then ``"in:<module>"``/``"out:<module>"``.
+        log_mu: (K, N) float64 ``log(r2 / r1)`` of every slot in every set, ``NaN`` where a set has no
+            ratio for the slot (a collapsed duplicate).
+        groups: (N,) int64 sequence of every slot (the unit of ``unit="sequence"``).
+        fixed: sets whose ID is not estimated from ratios (0-dimensional: fewer than 3 distinct
+            points) and the value every replicate gives them.
+        unit: ``"sequence"`` or ``"token"``. n_boot, seed, estimator, discard_fraction: the replicates'.
+        replicates: (n_boot, K) float64 replicate IDs (after :meth:`run`).
+    """
+
+    keys: List[str]
+    log_mu: torch.Tensor = field(repr=False)
+    groups: torch.Tensor = field(repr=False)
+    fixed: Dict[str, float]
+    unit: str
+    n_boot: int
+    seed: int
+    estimator: str = "mle"
+    discard_fraction: float = 0.1
+    replicates: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def run(self) -> torch.Tensor:
+        """Draw the replicates (the same for the same seed) and store them in :attr:`replicates`."""
+        rep = paired_bootstrap(self.log_mu, n_boot=self.n_boot, seed=self.seed, estimator=self.estimator,
+                               discard_fraction=self.discard_fraction,
+                               groups=self.groups if self.unit == "sequence" else None)
+        for k, v in self.fixed.items():
+            rep[:, self.keys.index(k)] = v
+        self.replicates = rep
+        return rep
+
+    def resampled(self, *, n_boot: Optional[int] = None, seed: Optional[int] = None,
+                  unit: Optional[str] = None) -> "PairedBootstrap":
+        """A new bootstrap of the same ratios (another size, seed or unit), already run."""
+        if unit is not None and unit not in BOOTSTRAP_UNITS:
+            raise ValueError(f"unit must be one of {BOOTSTRAP_UNITS}, got {unit!r}")
+        out = PairedBootstrap(keys=list(self.keys), log_mu=self.log_mu, groups=self.groups, fixed=dict(self.fixed),
+                              unit=unit or self.unit, n_boot=n_boot or self.n_boot,
+                              seed=self.seed if seed is None else seed, estimator=self.estimator,
+                              discard_fraction=self.discard_fraction)
+        out.run()
+        return out
+
+    @property
+    def n_units(self) -> int:
+        """Units a replicate draws: distinct sequences, or points."""
+        return int(torch.unique(self.groups).numel()) if self.unit == "sequence" else int(self.log_mu.shape[1])
+
+    def columns(self, keys: Sequence[str]) -> torch.Tensor:
+        """(n_boot, len(keys)) replicate IDs of these sets."""
+        if self.replicates is None:
+            raise RuntimeError("the bootstrap has not been run")
+        return self.replicates[:, [self.keys.index(k) for k in keys]]
+
+    def stderr(self, keys: Optional[Sequence[str]] = None) -> List[float]:
+        """Bootstrap standard error of the ID of each set."""
+        return bootstrap_stderr(self.columns(keys or self.keys)).tolist()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"n_boot": self.n_boot, "unit": self.unit, "n_units": self.n_units, "seed": self.seed,
+                "n_points": int(self.log_mu.shape[1]), "keys": list(self.keys), "fixed": dict(self.fixed)}
 
 
 @dataclass
@@ -480,6 +563,8 @@ class ProfileResult:
         twonn: the full :class:`gelora.TwoNNResult` of each layer.
         samples: with ``keep_samples=True``, each layer's sampled points, (n_points, D) on the host in
             the storage dtype (row order is the sampler's slot order).
+        paired: the paired bootstrap of all the IDs (``paired_bootstrap > 0``), which
+            :func:`gelora.ranks.allocate_ranks` turns into the probability of each bound.
     """
 
     layers: List[str]
@@ -502,6 +587,7 @@ class ProfileResult:
     model_name: str = ""
     twonn: List[TwoNNResult] = field(default_factory=list, repr=False)
     samples: Optional[List[torch.Tensor]] = field(default=None, repr=False)
+    paired: Optional[PairedBootstrap] = field(default=None, repr=False)
 
     @property
     def n_blocks(self) -> int:
@@ -514,15 +600,18 @@ class ProfileResult:
     @property
     def n_fixed(self) -> List[int]:
         """Per layer, the rows whose neighbours the exactness certificate sent to the float64 path
-        (:attr:`gelora.TwoNNResult.n_fixed`; many of them mean a slow estimate, not a wrong one)."""
+        (:attr:`gelora.TwoNNResult.n_fixed`; many of them mean a slow estimate, not a wrong one).
+        ``-1``: not counted (with ``paired_bootstrap`` the estimates go through :func:`gelora.knn2`,
+        which does not return it)."""
         return [int(r.n_fixed) for r in self.twonn] if self.twonn else [0] * len(self.ids)
 
     def summary(self) -> str:
-        """A plain-text table: layer, ID +/- stderr, sampled points, duplicates, rows recomputed in float64."""
+        """A plain-text table: layer, ID +/- stderr, sampled points, duplicates, rows recomputed in float64
+        (``-``: not counted)."""
         rows = [f"{'layer':<12} {'ID':>8} {'+/-':>6} {'points':>8} {'dups':>6} {'fp64':>6}"]
         for name, d, e, n, k, f in zip(self.layers, self.ids, self.stderr, self.n_points, self.n_duplicates,
                                        self.n_fixed):
-            rows.append(f"{name:<12} {d:8.2f} {e:6.2f} {n:8d} {k:6d} {f:6d}")
+            rows.append(f"{name:<12} {d:8.2f} {e:6.2f} {n:8d} {k:6d} {f if f >= 0 else '-':>6}")
         return "\n".join(rows)
 
     def to_dict(self) -> Dict[str, Any]:
@@ -548,6 +637,8 @@ class ProfileResult:
             "timings": dict(self.timings),
             "history": list(self.history),
             "model_name": self.model_name,
+            "paired_bootstrap": None if self.paired is None else {
+                **self.paired.to_dict(), "stderr_layers": self.paired.stderr(self.paired.keys[: len(self.ids)])},
         }
 
 
@@ -613,11 +704,13 @@ class _Batch:
             flat = torch.nonzero(m.reshape(-1)).flatten()
             acc, self.slots = sampler.plan(flat.numel())
             self.index = flat[acc]  # positions in the flattened (B*T) tokens
+            self.seq = self.index // t  # the sequence (row of the batch) of each accepted point
         else:
             lengths = m.sum(dim=1)
             seqs = torch.nonzero(lengths > 0).flatten()
             acc, self.slots = sampler.plan(seqs.numel())
             sel = seqs[acc]
+            self.seq = sel
             if pooling == "mean":
                 self.index = sel  # sequences
             elif pooling == "cls":
@@ -671,6 +764,8 @@ class _Profiler:
         self.n_layers = len(blocks) + 1
         self.layer_keys = [f"layer{i}" for i in range(self.n_layers)]
         self.stores: Dict[str, _Store] = {k: _Store(max_tokens, store_dtype) for k in self.layer_keys}
+        #: sequence (in the order the data were run) that the point in each sample slot came from
+        self.slot_seq = torch.full((max_tokens,), -1, dtype=torch.int64)
         self.modules = modules or []
         self.mod_in_key: Dict[str, str] = {}
         self.shared: Dict[str, str] = {}
@@ -763,10 +858,14 @@ class _Profiler:
             self.stores[key].write(rows, slots)
 
 
-def _estimate(x: torch.Tensor, device: torch.device, what: str, **kw: Any) -> TwoNNResult:
+def _estimate(x: torch.Tensor, device: torch.device, what: str, rows: bool = False, **kw: Any) -> Any:
+    """The TwoNN result of one sample; with ``rows=True`` ``(result, log_mu)``, the ratios in slot order
+    (:func:`gelora.id.paired.twonn_rows`; ``log_mu`` is None for a 0-dimensional set)."""
     if x.numel() == 0 or x.shape[0] < 3:
         raise ValueError(f"{what}: only {x.shape[0] if x.dim() else 0} point(s) collected; TwoNN needs at least 3")
     try:
+        if rows:
+            return twonn_rows(x.to(device), **kw)
         return twonn(x.to(device), **kw)
     except ValueError as exc:
         keep, n_dup = unique_rows(x)
@@ -775,9 +874,10 @@ def _estimate(x: torch.Tensor, device: torch.device, what: str, **kw: Any) -> Tw
     # One or two distinct points (e.g. the [CLS] embedding of every sequence): a 0-dimensional set.
     warnings.warn(f"{what}: the {x.shape[0]} sampled points are {keep.numel()} distinct point(s); "
                   "its intrinsic dimension is reported as 0", stacklevel=3)
-    return TwoNNResult(id=0.0, stderr=0.0, n_points=int(x.shape[0]), n_used=0, n_duplicates=int(n_dup),
-                       estimator=str(kw.get("estimator", "mle")), backend="none",
-                       discard_fraction=float(kw.get("discard_fraction", 0.1)))
+    res = TwoNNResult(id=0.0, stderr=0.0, n_points=int(x.shape[0]), n_used=0, n_duplicates=int(n_dup),
+                      estimator=str(kw.get("estimator", "mle")), backend="none",
+                      discard_fraction=float(kw.get("discard_fraction", 0.1)))
+    return (res, None) if rows else res
 
 
 def profile_model(
@@ -802,6 +902,8 @@ def profile_model(
     progress: bool = True,
     forward_kwargs: Optional[Dict[str, Any]] = None,
     keep_samples: bool = False,
+    paired_bootstrap: int = 1000,
+    bootstrap_unit: str = "sequence",
 ) -> ProfileResult:
     """Estimate the intrinsic dimension of the hidden states entering and leaving every block.
 
@@ -827,6 +929,12 @@ def profile_model(
         progress: show tqdm progress bars.
         forward_kwargs: extra keyword arguments for every forward call.
         keep_samples: keep the sampled points of every layer in ``ProfileResult.samples``.
+        paired_bootstrap: replicates of the paired bootstrap of all the IDs (``ProfileResult.paired``,
+            see :mod:`gelora.id.paired`; 0: none). The estimates then keep their ratios in slot order
+            and go through :func:`gelora.id.paired.twonn_rows` (same IDs and ``n_fixed``).
+        bootstrap_unit: what a replicate resamples: ``"sequence"`` (every sampled point of a drawn
+            sequence; tokens of one sequence are not independent) or ``"token"`` (points one by one).
+            The same for pooled points (one point per sequence).
 
     Returns:
         :class:`ProfileResult`.
@@ -842,6 +950,11 @@ def profile_model(
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if estimate_every < 0:
         raise ValueError(f"estimate_every must be >= 0, got {estimate_every}")
+    if isinstance(paired_bootstrap, bool) or not isinstance(paired_bootstrap, int) or paired_bootstrap < 0 \
+            or paired_bootstrap == 1:
+        raise ValueError(f"paired_bootstrap must be 0 (none) or a number of replicates >= 2, got {paired_bootstrap!r}")
+    if bootstrap_unit not in BOOTSTRAP_UNITS:
+        raise ValueError(f"bootstrap_unit must be one of {BOOTSTRAP_UNITS}, got {bootstrap_unit!r}")
     if store_dtype is not None and store_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"store_dtype must be float16, bfloat16 or float32, got {store_dtype}")
     from tqdm.auto import tqdm
@@ -907,6 +1020,7 @@ def profile_model(
                 prof.first_batch = False
                 pending, prof.pending, prof.batch = prof.pending, [], None
                 futures.append(executor.submit(prof.write, pending, sel.slots))
+                prof.slot_seq[sel.slots] = n_seq + sel.seq
                 n_seq += int(mask.shape[0])
                 t1 = time.perf_counter()
                 t_fwd += t1 - t0
@@ -949,11 +1063,29 @@ def profile_model(
     if targets:
         keys += [k for k in prof.stores if k.startswith(("in:", "out:")) and prof.stores[k].n > 0]
     results: Dict[str, TwoNNResult] = {}
+    log_mu: Dict[str, Optional[torch.Tensor]] = {}
     with torch.no_grad():
         for k in tqdm(keys, desc="gelora TwoNN", unit="set", disable=not progress, leave=False):
             what = f"layer {k[5:]}" if k.startswith("layer") else k
-            results[k] = _estimate(prof.stores[k].points(), id_dev, what, **est_kw)
+            if paired_bootstrap:
+                results[k], log_mu[k] = _estimate(prof.stores[k].points(), id_dev, what, rows=True, **est_kw)
+            else:
+                results[k] = _estimate(prof.stores[k].points(), id_dev, what, **est_kw)
     t_est = time.perf_counter() - t_est0
+    t_boot0 = time.perf_counter()
+    paired = None
+    if paired_bootstrap:
+        n_rows = prof.stores[keys[0]].n
+        if any(prof.stores[k].n != n_rows for k in keys):
+            raise RuntimeError("internal: the samples of the layers hold different numbers of slots")
+        lm = torch.stack([log_mu[k] if log_mu[k] is not None
+                          else torch.full((n_rows,), float("nan"), dtype=torch.float64) for k in keys])
+        paired = PairedBootstrap(keys=keys, log_mu=lm, groups=prof.slot_seq[:n_rows].clone(),
+                                 fixed={k: 0.0 for k in keys if log_mu[k] is None}, unit=bootstrap_unit,
+                                 n_boot=paired_bootstrap, seed=seed, estimator=estimator,
+                                 discard_fraction=discard_fraction)
+        paired.run()
+    t_boot = time.perf_counter() - t_boot0
 
     layer_res = [results[k] for k in prof.layer_keys]
     mod_profiles: Dict[str, ModuleProfile] = {}
@@ -989,6 +1121,7 @@ def profile_model(
             "forward": t_fwd,
             "wait": t_wait,
             "estimate": t_est,
+            "bootstrap": t_boot,
             "total": total,
             "points_per_s": n_seen / max(t_fwd + t_wait, 1e-9),
         },
@@ -996,5 +1129,6 @@ def profile_model(
         samples=[prof.stores[k].points() for k in prof.layer_keys] if keep_samples else None,
         model_name=str(getattr(cfg, "_name_or_path", "") or type(model).__name__),
         twonn=layer_res,
+        paired=paired,
     )
 

@@ -12,6 +12,28 @@ bounds the rank a LoRA update of block i needs from below by the growth of the I
 With ``z > 0`` and standard errors, only the part of the difference beyond ``z`` standard errors of
 the difference counts: ``ceil(d_{i+1} - d_i - z * sqrt(se_i^2 + se_{i+1}^2))``.
 
+How certain a bound is
+----------------------
+A profile taken with a paired bootstrap (:attr:`gelora.profile.ProfileResult.paired`; or
+``replicates=`` with plain IDs) gives every ID difference a distribution: each replicate is a whole
+profile, so the differences keep their pairing. The allocation reports, per entry, the probability of
+each GeLoRA bound over the replicates (``bound_probs``), that of the bound it gives (``p_bound``) and
+the paired standard error of the difference (``delta_stderr``). A bound whose probability is below
+:data:`NOISE_P` is *decided by noise*: another sample of the same data would likely move it.
+
+The paired rule (``rule="paired"``)
+-----------------------------------
+The paper's rule rounds twice: the ceiling of each difference, then (with a budget) the scaled
+targets. The first rounding turns a growth of 0.01 against -0.01 into the bounds 2 and 1, and the
+budget scale (about 3-7 at ``"r8"``) turns those into ranks 9 and 5. The paired rule keeps the bound
+real-valued and counts only the growth the data support::
+
+    b_i = 1 + max(delta_i - z * sd_i, 0)            (z = 2 unless given)
+
+with ``sd_i`` the paired bootstrap standard error of ``delta_i``. The budget mode then rounds once, at
+the end. Without a budget the ranks are ``ceil(b_i)``: the paper's bound of the discounted growth.
+It needs the replicates (a profile with ``paired_bootstrap > 0``, or ``replicates=``).
+
 Per module
 ----------
 GeLoRA gives the same rank to every matrix of a block. Given the IDs of the input and the output of
@@ -43,7 +65,13 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
-RULES = ("gelora", "uniform")
+import torch
+
+RULES = ("gelora", "paired", "uniform")
+#: ``z`` of ``rule="paired"`` when none is given: growth beyond 2 paired standard errors counts.
+PAIRED_Z = 2.0
+#: A bound whose probability over the bootstrap replicates is below this is decided by noise.
+NOISE_P = 0.9
 #: Differences closer than this above an integer are rounded down (ceil(2.0000000001) is 2, not 3).
 _CEIL_EPS = 1e-9
 
@@ -57,7 +85,8 @@ class RankAllocation:
     Attributes:
         names: ``"block 0"``, ... or full module names.
         ranks: integer rank of each entry.
-        lower_bounds: the rule's bounds ``b`` (before scaling to a budget and clamping).
+        lower_bounds: the rule's bounds ``b`` (before scaling to a budget and clamping); integers for
+            ``"gelora"`` and ``"uniform"``, reals for ``"paired"``.
         deltas: the ID differences the bounds come from (output minus input).
         cost: trainable parameters per unit of rank of each entry (1 when unknown).
         params: ``sum(cost * ranks)``.
@@ -68,6 +97,13 @@ class RankAllocation:
         z: the significance threshold used by the rule.
         targets: the real-valued proportional targets ``clip(s * b_i)`` of the budget mode (the
             clamped bounds without a budget); every rank is the floor or the ceiling of its target.
+        gelora_bounds: the paper's integer bounds (with ``z`` under ``rule="gelora"``, else z = 0).
+        n_boot, bootstrap_unit: the paired bootstrap the next four come from (0 / None: none given,
+            and the lists are empty).
+        delta_stderr: paired bootstrap standard error of each ID difference.
+        bound_probs: per entry ``{bound: probability}`` of the paper's bound over the replicates.
+        p_bound: probability of the bound in ``gelora_bounds``.
+        bound_ci95: 2.5% and 97.5% quantiles of the rule's own bound over the replicates.
     """
 
     names: List[str]
@@ -86,6 +122,18 @@ class RankAllocation:
     rels: List[Optional[str]] = field(default_factory=list)
     z: float = 0.0
     targets: List[float] = field(default_factory=list)
+    gelora_bounds: List[int] = field(default_factory=list)
+    n_boot: int = 0
+    bootstrap_unit: Optional[str] = None
+    delta_stderr: List[float] = field(default_factory=list)
+    bound_probs: List[Dict[int, float]] = field(default_factory=list)
+    p_bound: List[float] = field(default_factory=list)
+    bound_ci95: List[Tuple[float, float]] = field(default_factory=list)
+
+    def noisy(self, threshold: float = NOISE_P) -> List[int]:
+        """Indices of the entries whose paper bound has a probability below ``threshold`` (empty
+        without a bootstrap)."""
+        return [i for i, p in enumerate(self.p_bound) if p < threshold]
 
     def as_dict(self) -> Dict[str, int]:
         """``{name: rank}``."""
@@ -96,7 +144,7 @@ class RankAllocation:
         return {
             "names": list(self.names),
             "ranks": list(self.ranks),
-            "lower_bounds": list(self.lower_bounds),
+            "lower_bounds": [b if isinstance(b, int) else float(b) for b in self.lower_bounds],
             "deltas": [float(d) for d in self.deltas],
             "cost": list(self.cost),
             "params": self.params,
@@ -110,6 +158,15 @@ class RankAllocation:
             "rels": list(self.rels),
             "z": self.z,
             "targets": [float(x) for x in self.targets],
+            "gelora_bounds": list(self.gelora_bounds),
+            "n_boot": self.n_boot,
+            "bootstrap_unit": self.bootstrap_unit,
+            "delta_stderr": [float(x) for x in self.delta_stderr],
+            "bound_probs": [{str(k): float(v) for k, v in p.items()} for p in self.bound_probs],
+            "p_bound": [float(x) for x in self.p_bound],
+            "bound_ci95": [[float(a), float(b)] for a, b in self.bound_ci95],
+            "noisy": self.noisy(),
+            "noise_p": NOISE_P,
         }
 
 
@@ -199,6 +256,34 @@ def _fit_budget(
     return ranks, left, t
 
 
+def _replicate_stats(
+    reps: torch.Tensor, se: Sequence[float], z_gelora: float
+) -> Tuple[List[float], List[Dict[int, float]], torch.Tensor]:
+    """Per column of (B, E) replicate differences: the paired standard error, the distribution of the
+    paper's bound, and the (B, E) replicate bounds (NaN where a replicate is not finite)."""
+    sds: List[float] = []
+    probs: List[Dict[int, float]] = []
+    bounds = torch.full_like(reps, float("nan"))
+    for e in range(reps.shape[1]):
+        col = reps[:, e]
+        ok = torch.isfinite(col)
+        f = col[ok]
+        if f.numel() < 2:
+            raise ValueError(f"entry {e}: fewer than 2 finite bootstrap replicates of its ID difference")
+        sds.append(float(f.std(unbiased=True)))
+        b = torch.clamp(torch.ceil(f - z_gelora * se[e] - _CEIL_EPS), min=0) + 1
+        bounds[ok, e] = b
+        vals, counts = torch.unique(b, return_counts=True)
+        probs.append({int(v): float(c) / f.numel() for v, c in zip(vals.tolist(), counts.tolist())})
+    return sds, probs, bounds
+
+
+def _quantiles(col: torch.Tensor) -> Tuple[float, float]:
+    f = col[torch.isfinite(col)]
+    q = torch.quantile(f, torch.tensor([0.025, 0.975], dtype=f.dtype))
+    return float(q[0]), float(q[1])
+
+
 def allocate_ranks(
     ids: Any,
     *,
@@ -208,31 +293,39 @@ def allocate_ranks(
     max_rank: Optional[int] = None,
     cost: Union[None, Sequence[int], Mapping[str, int]] = None,
     stderr: Optional[Sequence[float]] = None,
-    z: float = 0.0,
+    z: Optional[float] = None,
     per_module: Optional[bool] = None,
+    replicates: Optional[torch.Tensor] = None,
 ) -> RankAllocation:
-    """LoRA ranks from intrinsic dimensions (see the module docstring for the rule and the budget mode).
+    """LoRA ranks from intrinsic dimensions (see the module docstring for the rules and the budget mode).
 
     Args:
         ids: the L + 1 layer IDs ``[d_0, ..., d_L]`` (list, tensor or a
             :class:`gelora.profile.ProfileResult`) for L per-block ranks; or a mapping
             ``{module name: (d_in, d_out)}`` (or a ProfileResult with ``per_module=True``) for per-module ranks.
-        rule: ``"gelora"`` (the bound above) or ``"uniform"`` (bound 1 everywhere: with a budget, the
-            uniform allocation of the same budget).
+        rule: ``"gelora"`` (the paper's bound), ``"paired"`` (the real-valued bound of the growth beyond
+            ``z`` paired standard errors; needs replicates) or ``"uniform"`` (bound 1 everywhere: with a
+            budget, the uniform allocation of the same budget).
         budget: trainable parameters to spend, ``"rN"`` for the parameters of uniform rank N, or None
-            (then the ranks are the bounds, clamped to ``[min_rank, max_rank]``).
+            (then the ranks are the bounds, rounded up and clamped to ``[min_rank, max_rank]``).
         min_rank, max_rank: clamps (``max_rank=None``: no upper clamp).
         cost: parameters per unit of rank of each entry (a sequence, or a mapping by name); e.g.
             :func:`gelora.peft_bridge.rank_costs`. Default 1 (the budget then counts rank units).
-        stderr: standard errors of ``ids`` (taken from a ProfileResult automatically), used with ``z``.
-        z: count only the part of each ID difference beyond ``z`` standard errors (0: the plain rule).
+        stderr: standard errors of ``ids`` (taken from a ProfileResult automatically), used by
+            ``rule="gelora"`` with ``z``.
+        z: count only the part of each ID difference beyond ``z`` standard errors: for ``"gelora"``
+            the unpaired ``sqrt(se_i^2 + se_{i+1}^2)`` (default 0: the plain rule), for ``"paired"`` the
+            paired bootstrap one (default :data:`PAIRED_Z`).
         per_module: with a ProfileResult, allocate per profiled module instead of per block.
+        replicates: (B, L + 1) bootstrap replicates of ``ids`` whose rows are whole profiles (paired);
+            taken from a ProfileResult's ``paired`` bootstrap automatically (per block and per module).
 
     Returns:
-        :class:`RankAllocation`.
+        :class:`RankAllocation`, with the bound probabilities when replicates are available.
 
     Raises:
-        ValueError: fewer than 2 IDs, non-finite IDs, bad clamps, or a budget below ``min_rank`` everywhere.
+        ValueError: fewer than 2 IDs, non-finite IDs, bad clamps, a budget below ``min_rank`` everywhere,
+            replicates of the wrong shape, or ``rule="paired"`` without replicates.
     """
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
@@ -240,25 +333,46 @@ def allocate_ranks(
         raise ValueError(f"min_rank must be an integer >= 1, got {min_rank!r}")
     if max_rank is not None and (not isinstance(max_rank, int) or max_rank < min_rank):
         raise ValueError(f"max_rank must be an integer >= min_rank={min_rank}, got {max_rank!r}")
-    if z < 0:
+    if z is None:
+        z = PAIRED_Z if rule == "paired" else 0.0
+    z = float(z)
+    if not z >= 0:
         raise ValueError(f"z must be >= 0, got {z}")
 
     pairs: Optional[Dict[str, Tuple[float, float, float, float]]] = None
     blocks: List[int] = []
     rels: List[Optional[str]] = []
+    reps: Optional[torch.Tensor] = None  # (B, entries) replicate differences
+    unit: Optional[str] = None
     modules_attr = getattr(ids, "modules", None)
     if hasattr(ids, "ids") and hasattr(ids, "stderr"):  # ProfileResult
+        paired = getattr(ids, "paired", None)
+        if paired is not None and getattr(paired, "replicates", None) is not None:
+            unit = paired.unit
+        else:
+            paired = None
         if per_module:
             if not modules_attr:
                 raise ValueError("per_module=True needs a profile taken with modules=...")
+            if replicates is not None:
+                raise ValueError("replicates= is for per-block IDs; per module they come from the profile")
             pairs = {k: (m.id_in, m.id_out, m.stderr_in, m.stderr_out) for k, m in modules_attr.items()}
             blocks = [m.block for m in modules_attr.values()]
             rels = [m.rel for m in modules_attr.values()]
+            if paired is not None:
+                reps = (paired.columns([m.out_key for m in modules_attr.values()])
+                        - paired.columns([m.in_key for m in modules_attr.values()]))
         else:
             if stderr is None:
                 stderr = list(ids.stderr)
+            if replicates is None and paired is not None:
+                replicates = paired.columns(paired.keys[: len(ids.ids)])
+            elif replicates is not None:
+                unit = None
             ids = list(ids.ids)
     elif isinstance(ids, Mapping):
+        if replicates is not None:
+            raise ValueError("replicates= is for per-block IDs, not a mapping of module IDs")
         pairs = {}
         for k, v in ids.items():
             v = tuple(float(x) for x in v)
@@ -299,9 +413,34 @@ def allocate_ranks(
         blocks = list(range(len(d) - 1))
         rels = [None] * len(names)
         is_module = False
+        if replicates is not None:
+            r = torch.as_tensor(replicates, dtype=torch.float64)
+            if r.dim() != 2 or r.shape[1] != len(d) or r.shape[0] < 2:
+                raise ValueError(f"replicates must be (B >= 2, {len(d)}) replicate IDs, got {tuple(r.shape)}")
+            reps = r[:, 1:] - r[:, :-1]
+
+    z_gelora = z if rule == "gelora" else 0.0
+    gelora_bounds = [gelora_bound(dl, se=s, z=z_gelora) for dl, s in zip(deltas, ses)]
+    sds: List[float] = []
+    probs: List[Dict[int, float]] = []
+    p_bound: List[float] = []
+    ci: List[Tuple[float, float]] = []
+    if reps is not None:
+        sds, probs, rep_bounds = _replicate_stats(reps, ses, z_gelora)
+        p_bound = [p.get(b, 0.0) for p, b in zip(probs, gelora_bounds)]
+        if rule == "paired":
+            rep_bounds = 1.0 + torch.clamp(reps - z * torch.tensor(sds, dtype=torch.float64), min=0.0)
+        elif rule == "uniform":
+            rep_bounds = torch.ones_like(reps)
+        ci = [_quantiles(rep_bounds[:, e]) for e in range(reps.shape[1])]
+    elif rule == "paired":
+        raise ValueError("rule='paired' needs the paired bootstrap: a profile taken with paired_bootstrap > 0, "
+                         "or replicates= of the IDs")
 
     if rule == "gelora":
-        bounds = [gelora_bound(dl, se=s, z=z) for dl, s in zip(deltas, ses)]
+        bounds: List[Any] = list(gelora_bounds)
+    elif rule == "paired":
+        bounds = [1.0 + max(dl - z * sd, 0.0) for dl, sd in zip(deltas, sds)]
     else:
         bounds = [1] * len(names)
 
@@ -321,7 +460,8 @@ def allocate_ranks(
 
     b_params = parse_budget(budget, c)
     if b_params is None:
-        ranks = [max(min_rank, b) if max_rank is None else min(max(min_rank, b), max_rank) for b in bounds]
+        ints = [max(math.ceil(b - _CEIL_EPS), 1) for b in bounds]
+        ranks = [max(min_rank, b) if max_rank is None else min(max(min_rank, b), max_rank) for b in ints]
         left = None
         targets = [float(r) for r in ranks]
     else:
@@ -329,6 +469,8 @@ def allocate_ranks(
     return RankAllocation(
         names=names, ranks=ranks, lower_bounds=bounds, deltas=deltas, cost=c,
         params=sum(ci * r for ci, r in zip(c, ranks)), rule=rule, min_rank=min_rank, max_rank=max_rank,
-        per_module=is_module, budget=b_params, leftover=left, blocks=blocks, rels=rels, z=float(z),
-        targets=targets,
+        per_module=is_module, budget=b_params, leftover=left, blocks=blocks, rels=rels, z=z,
+        targets=targets, gelora_bounds=gelora_bounds, n_boot=0 if reps is None else int(reps.shape[0]),
+        bootstrap_unit=unit if reps is not None else None, delta_stderr=sds, bound_probs=probs,
+        p_bound=p_bound, bound_ci95=ci,
     )

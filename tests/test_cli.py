@@ -71,12 +71,25 @@ def test_profile_writes_report_adapter_config_and_plot(tiny_model_dir, texts_fil
     prof, alloc = report["profile"], report["allocation"]
     assert len(prof["ids"]) == 4 and len(prof["stderr"]) == 4 and len(alloc["ranks"]) == 3
     assert prof["n_points"] == [300] * 4 and prof["pooling"] == "tokens"
-    # rows recomputed in float64 per layer: in the report and as the table's fp64 column
+    # the paired bootstrap (default): rows recomputed in float64 are not counted on its path
     assert len(prof["n_fixed"]) == 4 and all(isinstance(v, int) and 0 <= v <= 300 for v in prof["n_fixed"])
-    header = next(line for line in stdout.splitlines() if line.startswith("layer"))
-    assert header.split()[-1] == "fp64"
-    last = next(line for line in stdout.splitlines() if line.startswith("block 2"))
-    assert int(last.split()[-1]) == prof["n_fixed"][-1]
+    assert prof["paired_bootstrap"]["n_boot"] == 1000
+    assert prof["paired_bootstrap"]["unit"] == "sequence" and prof["paired_bootstrap"]["n_units"] <= 40
+    header = next(line for line in stdout.splitlines() if line.startswith("layer")).split()
+    assert header[5:] == ["fp64", "growth", "+/-", "bound", "P", "rank"]
+    # each block's row: its growth, paired error, bound, the bound's probability and the rank
+    assert len(alloc["bound_probs"]) == 3 and len(alloc["delta_stderr"]) == 3 and alloc["n_boot"] == 1000
+    for i in range(3):
+        row = next(line for line in stdout.splitlines() if line.startswith(f"block {i} ")).split()
+        assert int(row[6]) == prof["n_fixed"][i + 1]
+        assert float(row[7]) == pytest.approx(alloc["deltas"][i], abs=0.006)
+        assert float(row[8]) == pytest.approx(alloc["delta_stderr"][i], abs=0.006)
+        assert int(row[9]) == alloc["gelora_bounds"][i] == alloc["lower_bounds"][i]
+        assert float(row[10]) == pytest.approx(alloc["p_bound"][i], abs=0.006)
+        assert alloc["p_bound"][i] == alloc["bound_probs"][i][str(alloc["gelora_bounds"][i])]
+        assert int(row[11]) == alloc["ranks"][i]
+    assert f"{len(alloc['noisy'])} of 3 GeLoRA bounds with P < 0.9" in stdout
+    assert ("warning" in err) == bool(alloc["noisy"]) == ("warnings" in report)
     # budget: uniform rank 4 on query+value of 3 blocks of width 32
     assert alloc["budget"] == 4 * 3 * 2 * 64 and alloc["params"] + alloc["leftover"] == alloc["budget"]
     assert alloc["params"] <= alloc["budget"]
@@ -85,6 +98,7 @@ def test_profile_writes_report_adapter_config_and_plot(tiny_model_dir, texts_fil
         assert report["versions"][key]
     t = report["timings"]
     assert t["load_model"] > 0 and t["profile_forward"] > 0 and t["profile_estimate"] > 0
+    assert t["profile_bootstrap"] >= 0 and t["allocate"] > 0  # (no bootstrap: exactly 0)
     assert t["load_model"] + t["profile_forward"] + t["profile_estimate"] <= t["total"]
     cfg = peft.LoraConfig.from_pretrained(str(out))
     assert len(cfg.target_modules) == 6
@@ -102,6 +116,56 @@ def test_profile_writes_report_adapter_config_and_plot(tiny_model_dir, texts_fil
     from gelora.peft_bridge import adapter_ranks
 
     assert sorted(set(adapter_ranks(pm).values())) == sorted(set(alloc["ranks"]))
+
+
+def test_profile_rules_and_the_bootstrap_switch(tiny_model_dir, texts_file, tmp_path, capsys):
+    base = ["profile", "--model", str(tiny_model_dir), "--data", str(texts_file), "--max-tokens", "200", "-q",
+            "--threads", "1"]
+    # without the bootstrap: the previous table, with the fp64 counts, and no probabilities
+    rc, stdout, err = run(base + ["--out", str(tmp_path / "a"), "--paired-bootstrap", "0"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    assert report["profile"]["paired_bootstrap"] is None and report["allocation"]["bound_probs"] == []
+    assert all(0 <= v <= 200 for v in report["profile"]["n_fixed"])
+    header = next(line for line in stdout.splitlines() if line.startswith("layer")).split()
+    assert header[5:] == ["fp64", "growth", "+/-", "bound", "rank"] and "warning" not in err
+    last = next(line for line in stdout.splitlines() if line.startswith("block 2")).split()
+    assert int(last[6]) == report["profile"]["n_fixed"][-1]
+    # the paired rule: its real bounds in a column, and no warning (its ranks do not use the ceiling)
+    rc, stdout, err = run(base + ["--out", str(tmp_path / "b"), "--rule", "paired", "--budget", "r4",
+                                  "--bootstrap-unit", "token", "--paired-bootstrap", "300",
+                                  "--estimator", "mle_censored"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "b" / "report.json").read_text())
+    alloc = report["allocation"]
+    assert alloc["rule"] == "paired" and alloc["z"] == 2.0 and alloc["bootstrap_unit"] == "token"
+    assert report["profile"]["estimator"] == "mle_censored"
+    header = next(line for line in stdout.splitlines() if line.startswith("layer")).split()
+    assert header[-2:] == ["paired", "rank"] and "warning" not in err
+    for i in range(3):
+        row = next(line for line in stdout.splitlines() if line.startswith(f"block {i} ")).split()
+        assert float(row[-2]) == pytest.approx(alloc["lower_bounds"][i], abs=0.006)
+    assert alloc["params"] + alloc["leftover"] == alloc["budget"]
+    # the paired rule without its bootstrap, and a bootstrap of one replicate: one-line errors
+    for extra, msg in ((["--rule", "paired", "--paired-bootstrap", "0"], "needs the paired bootstrap"),
+                       (["--paired-bootstrap", "1"], "--paired-bootstrap must be")):
+        rc, stdout, err = run(base + ["--out", str(tmp_path / "c")] + extra, capsys)
+        assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1
+
+
+def test_noise_warning_is_one_line():
+    from gelora.cli import _noise_warning
+    from gelora.ranks import allocate_ranks
+
+    g = torch.Generator().manual_seed(0)
+    ids = [10.0, 10.0, 12.5, 12.5]  # growth 0 (bound 1 or 2 by the replicate's sign), 2.5, 0
+    reps = torch.tensor(ids, dtype=torch.float64) + 0.05 * torch.randn(500, 4, generator=g, dtype=torch.float64)
+    alloc = allocate_ranks(ids, replicates=reps)
+    line = _noise_warning(alloc)
+    assert alloc.noisy() == [0, 2] and "\n" not in line
+    assert line.startswith("warning: 2 of 3 GeLoRA bounds are decided by noise") and "blocks 0, 2" in line
+    assert _noise_warning(allocate_ranks(ids, replicates=reps, rule="paired")) is None
+    assert _noise_warning(allocate_ranks([10.0, 12.5])) is None
 
 
 def test_profile_options(tiny_model_dir, tmp_path, capsys):

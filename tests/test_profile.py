@@ -148,6 +148,8 @@ def test_pooled_points(pooling):
         # the first token of every sequence sees only itself in a causal model: at every layer the 16
         # points are one point, a 0-dimensional set
         assert res.ids == [0.0] * 4 and res.twonn[0].backend == "none" and res.n_duplicates == [15] * 4
+        # and so is every bootstrap replicate of it
+        assert res.paired.fixed == {f"layer{i}": 0.0 for i in range(4)} and (res.paired.replicates == 0).all()
 
 
 class _no_warning:
@@ -222,6 +224,68 @@ def test_seeded_and_paired():
     c = profile_model(m, batch, max_tokens=80, seed=4, progress=False)
     assert a.ids == b.ids and a.ids != c.ids
     assert all(torch.equal(x, y) for x, y in zip(a.samples, b.samples))
+
+
+@pytest.mark.parametrize("pooling", ["tokens", "mean"])
+def test_bootstrap_groups_are_the_sequences_of_the_slots(pooling):
+    # slots are reused as the reservoir evicts points (60 of ~180 tokens): each slot's group must
+    # follow the point that sits in it, which is a point of that sequence
+    m = tiny_llama()
+    batch = padded_batch(n=24, t=11, seed=6)
+    res = profile_model(m, batch, max_tokens=60, pooling=pooling, batch_size=5, keep_samples=True,
+                        store_dtype=torch.float32, paired_bootstrap=20, progress=False)
+    with torch.no_grad():
+        h1 = m(**batch, output_hidden_states=True).hidden_states[1]
+    mask = batch["attention_mask"].bool()
+    groups = res.paired.groups
+    assert groups.shape == (res.n_points[1],) and int(groups.min()) >= 0 and int(groups.max()) < 24
+    for row, g in zip(res.samples[1].float(), groups.tolist()):
+        states = h1[g][mask[g]]
+        if pooling == "mean":
+            assert torch.allclose(row, states.mean(0), atol=1e-4)
+        else:
+            assert float((states - row).abs().amax(1).min()) < 1e-5
+    if pooling == "mean":
+        assert torch.unique(groups).numel() == 24 and res.paired.n_units == 24
+
+
+def test_paired_bootstrap_of_the_profile():
+    m = tiny_llama()
+    batch = padded_batch(n=30, t=10, seed=7)
+    kw = dict(max_tokens=150, batch_size=8, modules=["q_proj", "k_proj", "o_proj"], progress=False)
+    plain = profile_model(m, batch, paired_bootstrap=0, **kw)
+    a = profile_model(m, batch, paired_bootstrap=40, **kw)
+    b = profile_model(m, batch, paired_bootstrap=40, **kw)
+    assert plain.paired is None and plain.to_dict()["paired_bootstrap"] is None
+    # the same estimates (and the same n_fixed) through the row-aligned path
+    assert a.ids == plain.ids and a.stderr == plain.stderr and a.n_fixed == plain.n_fixed
+    assert all(a.modules[k].id_out == plain.modules[k].id_out for k in a.modules)
+    # q and k read the same input: one sample, one column
+    keys = a.paired.keys
+    assert keys[:4] == ["layer0", "layer1", "layer2", "layer3"] and len(keys) == len(set(keys))
+    for mp in a.modules.values():
+        assert mp.in_key in keys and mp.out_key in keys
+    assert a.modules["model.layers.0.self_attn.k_proj"].in_key == "in:model.layers.0.self_attn.q_proj"
+    assert a.paired.replicates.shape == (40, len(keys)) and torch.isfinite(a.paired.replicates).all()
+    assert torch.equal(a.paired.replicates, b.paired.replicates)
+    # each column is centred near its estimate
+    reps = a.paired.columns(keys[:4])
+    se = torch.tensor(a.paired.stderr(keys[:4]))
+    assert ((reps.mean(0) - torch.tensor(a.ids)).abs() < 3 * se).all()
+    d = a.to_dict()["paired_bootstrap"]
+    assert d["n_boot"] == 40 and d["unit"] == "sequence" and d["n_units"] <= 30 and len(d["stderr_layers"]) == 4
+    assert a.timings["bootstrap"] > 0
+    tok = a.paired.resampled(unit="token", n_boot=30)
+    assert tok.replicates.shape == (30, len(keys)) and tok.n_units == a.n_points[0]
+
+
+def test_paired_bootstrap_arguments():
+    m = tiny_bert()
+    batch = padded_batch(n=4)
+    with pytest.raises(ValueError, match="paired_bootstrap"):
+        profile_model(m, batch, paired_bootstrap=1, progress=False)
+    with pytest.raises(ValueError, match="bootstrap_unit"):
+        profile_model(m, batch, bootstrap_unit="batch", progress=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 
@@ -73,6 +73,33 @@ def twonn(
             discard_fraction=discard_fraction, dedup=dedup, backend=backend, mask=mask,
             bootstrap=bootstrap, seed=seed,
         )
+    found = neighbour_distances(x, dedup=dedup, backend=backend, mask=mask)
+    return result_from_distances(found.dist, estimator=estimator, discard_fraction=discard_fraction,
+                                 bootstrap=bootstrap, seed=seed, dedup=dedup, n_points=found.n_points,
+                                 n_duplicates=found.n_duplicates, backend=found.backend,
+                                 n_fixed=found.n_fixed, scale=found.scale)
+
+
+class Neighbours(NamedTuple):
+    """What :func:`neighbour_distances` found: ``dist`` (M, 2) exact distances of the kept rows (in the
+    units of the points times ``scale``), ``keep`` (M,) their indices among the N points (all of them
+    without dedup), and the bookkeeping of :class:`TwoNNResult`."""
+
+    dist: torch.Tensor
+    keep: torch.Tensor
+    n_points: int
+    n_duplicates: int
+    backend: str
+    n_fixed: int
+    scale: float
+
+
+def neighbour_distances(
+    x: ArrayLike, *, dedup: bool = True, backend: Optional[str] = None, mask: Optional[ArrayLike] = None
+) -> Neighbours:
+    """The search of :func:`twonn` on one process: checks, the power-of-two scale, duplicates collapsed,
+    the exact two nearest neighbours of the kept rows (the estimators and the paired bootstrap of
+    :mod:`gelora.id.paired` start from it)."""
     xt = as_points(x, mask, check_finite=False)
     scale = power_of_two_scale(xt)  # 1.0 for NaN/Inf, which check_points rejects
     if scale != 1.0:
@@ -81,6 +108,7 @@ def twonn(
     hashes, mean = check_points(xt, coef=hash_coef(xt.shape[1]) if dedup else None)
     n_points = xt.shape[0]
     n_dup = 0
+    keep = torch.arange(n_points, device=xt.device)
     if dedup:
         keep, n_dup = unique_rows(xt, hashes)
         if n_dup:
@@ -91,9 +119,7 @@ def twonn(
     # the engines search the centred points; distances are re-ranked on the points as given
     xc, mean = centre_and_mean(xt, compute_dtype(xt), mean=None if n_dup else mean)
     dist, _, n_fixed = knn_exact(xc, 2, engine, points=xt, mean=mean)
-    return result_from_distances(dist, estimator=estimator, discard_fraction=discard_fraction,
-                                 bootstrap=bootstrap, seed=seed, dedup=dedup, n_points=n_points,
-                                 n_duplicates=n_dup, backend=engine.name, n_fixed=n_fixed, scale=scale)
+    return Neighbours(dist, keep, n_points, int(n_dup), engine.name, n_fixed, scale)
 
 
 def estimate_id(x: ArrayLike, **kwargs) -> float:
