@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import gelora
-from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+from gelora.knn import certify, pipeline, points, reference
 from gelora.knn.engines import Candidates, KnnBackend, NormScaledError, error_rows
 from gelora.id.estimate import id_from_distances
 

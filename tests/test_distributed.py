@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import warnings
 
 import pytest
@@ -18,13 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from conftest import free_port, init_gloo
+
 WORLD = 2
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _points(n=301, d=40, seed=0, intrinsic=5):
@@ -74,10 +71,7 @@ def _same_result(a, b, rtol=1e-9):
 
 
 def _worker(rank, world, port, outdir, backend):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     done = []
     try:
         import gelora
@@ -240,7 +234,7 @@ def _worker(rank, world, port, outdir, backend):
 
 
 def _spawn(tmp_path, backend):
-    mp.spawn(_worker, args=(WORLD, _free_port(), str(tmp_path), backend), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(WORLD, free_port(), str(tmp_path), backend), nprocs=WORLD, join=True)
     out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     return out
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from gelora.testing import assert_knn_match
 from gelora.id.dedup import unique_rows
 from gelora.id.estimate import id_from_distances
 
-from conftest import usable_backends
+from conftest import free_port, init_gloo, usable_backends
 
 CPU_ENGINES = ("cpp", "faiss", "torch")
 
@@ -281,17 +280,10 @@ def test_scale_curve_needs_enough_points():
 # ---------------------------------------------------------------------------------------------------
 # Sharded: one scale for all ranks
 # ---------------------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, outdir):
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    init_gloo(rank, world, port)
     done = []
     try:
         from gelora.distributed import knn2_distributed, twonn_distributed
@@ -324,6 +316,6 @@ def _worker(rank, world, port, outdir):
 def test_sharded_points_share_one_scale(tmp_path):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     for r in range(2):
         assert json.loads((tmp_path / f"rank{r}.json").read_text()) == [-100, 100, "bootstrap"]

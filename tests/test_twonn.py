@@ -85,7 +85,7 @@ def test_float64_recomputation_is_streamed_and_exact(monkeypatch, mode):
     given, and exact ties (a row present three times) are broken by index. ``mode``: "plain" already
     centred points, nothing else; "mean" the points as given with their float64 mean; "xc" the points,
     their float32 centred copy and the mean (what knn_exact passes)."""
-    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.knn import points, reference
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1500, 97, generator=g) * 3 + 40
@@ -140,7 +140,7 @@ def test_reference_exact_where_the_float64_shortcut_cannot_rank(dtype, monkeypat
     """Rows whose neighbours the float64 shortcut cannot separate fail the reference's certification
     and get a brute-force search: the distances are the brute-force ones bit for bit (the old
     reference got some up to 1% wrong here), the indices are at those distances."""
-    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.knn import points, reference
 
     x = _far_clusters().to(dtype)
     want_d, _ = _brute_knn(x, 2)
@@ -184,7 +184,7 @@ def test_float32_far_clusters_distances_of_the_points_given(backend):
     but the re-rank and the float64 recomputation use the points as given and the certification
     accounts for the centring's rounding: the ratios are those of the brute-force float64 distances of
     the points to float32 accuracy, and the neighbours are at the brute-force distances."""
-    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.knn import points
     from gelora.id.estimate import id_from_distances
 
     g = torch.Generator().manual_seed(3)
@@ -273,7 +273,7 @@ def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedu
     """With the C++ core, one ``prepare_points`` pass gives twonn the NaN check, the row hashes and the
     mean (a second one only for the mean of the rows left after removing duplicates), and the result is
     bit for bit that of the separate passes (as_points, unique_rows, centre)."""
-    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.knn import pipeline, points
     from gelora.knn.inputs import as_points, cpu_core
     from gelora.id.estimate import id_from_distances
 
@@ -445,7 +445,7 @@ def test_result_is_float_convertible():
 _PEAK_SCRIPT = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
-from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+from gelora.knn import points, reference
 n, d = 1_000_000, 64
 x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
 rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:100]
@@ -478,7 +478,7 @@ def test_float64_recomputation_memory_is_bounded(tmp_path):
 def test_column_mean_and_inputs_untouched():
     """The chunked float64 mean is the mean, and no search modifies the caller's points (float64 points
     are centred in copies, never in place)."""
-    from gelora.knn import certify, pipeline, points, reference  # noqa: F401
+    from gelora.knn import points, reference
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(700, 13, generator=g, dtype=torch.float64) * 5 + 1e3
