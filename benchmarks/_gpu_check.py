@@ -129,7 +129,7 @@ def cmd_env() -> int:
 
     add_row(stage, "env:gelora", "gelora (imported from)", gelora.__version__, note=str(Path(gelora.__file__).parent))
     try:  # the engine registry is internal and may move; `python3 -m gelora.info` says the same
-        from gelora.knn.engines import describe
+        from gelora.neighbours.engines import describe
 
         for name, usable, reasons, _ in describe():
             print(f"  knn backend {name:7s} usable={usable} {'; '.join(reasons)[:200]}")

@@ -61,7 +61,7 @@ from gelora._env import triton_interpret as _env_interpret  # noqa: E402
 # the tile config is pinned (the first candidate): no tuning pass inside a timed search (read per call)
 os.environ.setdefault("GELORA_TRITON_AUTOTUNE", "0")
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
-#: candidates per row that gelora.twonn asks the engine for (k = 2 neighbours + gelora.knn.EXTRA_CANDIDATES)
+#: candidates per row that gelora.twonn asks the engine for (k = 2 neighbours + gelora.neighbours.EXTRA_CANDIDATES)
 KC = 4
 STAGE = "2 twonn"
 T0 = time.perf_counter()
@@ -559,7 +559,7 @@ def main() -> int:
         has_triton = False
         INFO["triton"] = f"missing: {exc}"
     import gelora
-    from gelora.knn.engines import all_backends
+    from gelora.neighbours.engines import all_backends
 
     all_backends()
     backend = "triton" if has_triton else "torch"

@@ -149,7 +149,7 @@ def providers(x, skip: set, n_fixed: dict = None):
     import torch
 
     import gelora
-    from gelora.knn.engines import all_backends
+    from gelora.neighbours.engines import all_backends
 
     xn = x.numpy()
     out = {}

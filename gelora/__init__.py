@@ -21,8 +21,8 @@ _logging.getLogger("gelora").addHandler(_logging.NullHandler())
 #: imports neither Triton nor transformers nor peft until they are used
 _PUBLIC = {
     "BackendUnavailable": "gelora._registry",
-    "knn2": "gelora.knn.pipeline",
-    "knn_reference": "gelora.knn.reference",
+    "knn2": "gelora.neighbours.pipeline",
+    "knn_reference": "gelora.neighbours.reference",
     "TwoNNResult": "gelora.id.estimate",
     "unique_rows": "gelora.id.dedup",
     "ScaleCurve": "gelora.id.twonn",

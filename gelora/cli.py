@@ -341,7 +341,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         finally:
             sys.argv = saved
         return int(rc or 0)
-    from .knn.engines.registry import describe
+    from .neighbours.engines.registry import describe
 
     for name, usable, reasons, desc in describe():
         print(f"{name:<8} {'yes' if usable else 'no ':<4} {desc}")

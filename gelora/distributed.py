@@ -7,13 +7,13 @@ holds at most two shards at a time: memory O(N_local D), never the whole set, ne
 
 The ring carries the points as given. For every shard that passes, a rank centres it with the global
 mean, searches its own centred points against it with the engine's cross search (the one engine of
-:func:`gelora.knn.engines.select_backend` with ``need=("cross",)``, the same on every rank: Triton,
+:func:`gelora.neighbours.engines.select_backend` with ``need=("cross",)``, the same on every rank: Triton,
 FAISS or torch; a forced engine without a cross search, such as the C++ core, raises), re-ranks the
 candidates of that shard with distances computed directly from the points as given (not the centred
-copies, as :func:`gelora.knn.pipeline.knn_exact`) while the shard's vectors are there, and keeps the best ``k``
-over all shards. Certification is the one of :func:`gelora.knn.pipeline.knn_exact`, per shard: a shard's
+copies, as :func:`gelora.neighbours.pipeline.knn_exact`) while the shard's vectors are there, and keeps the best ``k``
+over all shards. Certification is the one of :func:`gelora.neighbours.pipeline.knn_exact`, per shard: a shard's
 non-candidates are at least its ``kc``-th candidate value minus the error bound away (and the
-centring's rounding, :func:`gelora.knn.certify.centring_floor`), and a row whose k-th distance is above the
+centring's rounding, :func:`gelora.neighbours.certify.centring_floor`), and a row whose k-th distance is above the
 smallest such floor is recomputed in float64 in a second ring pass (rare: only when some rank has such
 rows), certified in turn, with a brute-force third pass for the rows even float64's shortcut cannot
 rank (:func:`_float64_rows`).
@@ -26,7 +26,7 @@ centred with the global mean (one ``all_reduce``), and the estimate is computed 
 same :class:`gelora.TwoNNResult`, equal to the single-process result on the concatenated points.
 
 Points far from 1 are scaled by a power of two first, as :func:`gelora.knn2` and :func:`gelora.twonn`
-scale them (:func:`gelora.knn.inputs.power_of_two_scale`), with one scale for all ranks (an ``all_reduce``
+scale them (:func:`gelora.neighbours.inputs.power_of_two_scale`), with one scale for all ranks (an ``all_reduce``
 of the largest ``|value|``); distances and ``r1_mean`` come back in the units of the points.
 
 Collectives run on CPU tensors for gloo and CUDA tensors for NCCL; rows are sent as raw bytes, so
@@ -44,17 +44,17 @@ import torch.distributed as dist
 from ._registry import BackendUnavailable
 from .id.dedup import unique_rows
 from .id.estimate import TwoNNResult, check_estimator, result_from_distances
-from .knn.certify import centring_floor, competitor_radius, float64_floor, norm_bounds
-from .knn.engines.base import KnnBackend, error_rows
-from .knn.engines.registry import PRIORITY, select_backend
-from .knn.inputs import ArrayLike, as_points, power_of_two_scale, to_tensor, unscale_distances
-from .knn.points import direct_sq_dist
-from .knn.reference import EXTRA_CANDIDATES, brute_knn
+from .neighbours.certify import centring_floor, competitor_radius, float64_floor, norm_bounds
+from .neighbours.engines.base import KnnBackend, error_rows
+from .neighbours.engines.registry import PRIORITY, select_backend
+from .neighbours.inputs import ArrayLike, as_points, power_of_two_scale, to_tensor, unscale_distances
+from .neighbours.points import direct_sq_dist
+from .neighbours.reference import EXTRA_CANDIDATES, brute_knn
 
 __all__ = ["knn2_distributed", "twonn_distributed"]
 
 #: Elements of one gathered (rows, kc, D) block of the direct re-rank, on every device (the default GPU
-#: chunk of :func:`gelora.knn.points.direct_sq_dist`, 1 << 16 rows, is a multi-GiB temporary for a large shard).
+#: chunk of :func:`gelora.neighbours.points.direct_sq_dist`, 1 << 16 rows, is a multi-GiB temporary for a large shard).
 RERANK_ELEMS = 1 << 22
 
 
@@ -193,8 +193,8 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     ``xc`` is the local shard centred with the global float64 ``mean`` (:func:`_centre_global`). The
     ring carries the points as given; every rank centres a shard it receives the same way, searches
     the centred copy with its engine, and re-ranks the candidates with direct distances of the points
-    as given (as :func:`gelora.knn.pipeline.knn_exact`, whose certification it repeats per shard, with the
-    centring term of :func:`gelora.knn.certify.centring_floor`).
+    as given (as :func:`gelora.neighbours.pipeline.knn_exact`, whose certification it repeats per shard, with the
+    centring term of :func:`gelora.neighbours.certify.centring_floor`).
 
     Returns squared distances (n_local, k) (float32, float64 for float64 points), indices
     (n_local, k) int64, the number of rows recomputed in float64 on all ranks, and the engine used.
@@ -245,7 +245,7 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     _ring(g, xt, sizes, visit)
 
     if n:
-        # the certification of gelora.knn.certify.uncertified_rows, per shard: a key beyond the row's window
+        # the certification of gelora.neighbours.certify.uncertified_rows, per shard: a key beyond the row's window
         # (competitor_radius) cannot undercut its k-th distance, every other key's error is bounded at
         # the window, so a few outlier rows on any rank do not loosen the other rows' bounds
         kth = best_d[:, -1].to(torch.float64)
@@ -269,15 +269,15 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
 
 def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.Tensor, sizes, offsets, k):
     """Exact float64 k-NN (squared distances, global indices) of the local rows ``rows`` of the points
-    ``xt`` against every shard: :func:`gelora.knn.reference.reference_rows` over the ring.
+    ``xt`` against every shard: :func:`gelora.neighbours.reference.reference_rows` over the ring.
 
     A second ring pass finds float64 shortcut candidates per shard (the points centred in float64 with
     the global ``mean``), re-ranks them by direct float64 distances of the points as given, and bounds
-    each shard's non-candidates from below (:func:`gelora.knn.certify.float64_floor`, with the shard's largest
+    each shard's non-candidates from below (:func:`gelora.neighbours.certify.float64_floor`, with the shard's largest
     norm). Rows whose k-th distance is not below the smallest such floor (points far from the mean
     relative to their neighbour distances, where even float64 cannot rank through the shortcut) get a
     third ring pass on every rank: a brute-force direct-difference search against every shard
-    (:func:`gelora.knn.reference.brute_knn`), which replaces their answer where the distances differ. Ties by
+    (:func:`gelora.neighbours.reference.brute_knn`), which replaces their answer where the distances differ. Ties by
     global index. Every rank takes part in both passes, rows or not.
     """
     q = xt[rows].to(torch.float64)
@@ -344,7 +344,7 @@ def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.T
 
         _ring(g, xt, sizes, brute)
         # where the candidates already had the k smallest distances (a tie with a non-candidate),
-        # their indices are as good: keep them (as gelora.knn.reference.reference_rows does)
+        # their indices are as good: keep them (as gelora.neighbours.reference.reference_rows does)
         wrong = (bd != best_d[unsure]).any(dim=1)
         best_d[unsure[wrong]] = bd[wrong]
         best_i[unsure[wrong]] = bi[wrong]
@@ -353,7 +353,7 @@ def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.T
 
 def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> KnnBackend:
     """The engine of the ring, the same on every rank: the forced one, else the first that can search this
-    rank's shard and cross-search others (:func:`gelora.knn.engines.select_backend` with
+    rank's shard and cross-search others (:func:`gelora.neighbours.engines.select_backend` with
     ``need=("cross",)``). A forced engine that cannot, or ranks that would pick different engines,
     raise on every rank."""
     error = None
@@ -373,7 +373,7 @@ def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> KnnBackend:
 
 
 def _agreed_scale(g: _Group, x: torch.Tensor) -> float:
-    """:func:`gelora.knn.inputs.power_of_two_scale` of all ranks' points together: the largest ``|value|``
+    """:func:`gelora.neighbours.inputs.power_of_two_scale` of all ranks' points together: the largest ``|value|``
     over the ranks (one ``all_reduce`` of the max), so that every rank scales by the same power of two
     (a rank scaling its shard alone would change the distances between shards)."""
     def reduce(top: float) -> float:
@@ -383,7 +383,7 @@ def _agreed_scale(g: _Group, x: torch.Tensor) -> float:
 
 
 def _centre_global(g: _Group, x: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.knn.points.centre`),
+    """``x - mean`` with the mean of all ranks' rows taken in float64 (as :func:`gelora.neighbours.points.centre`),
     and that (D,) float64 mean (the same on every rank)."""
     cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     s = x.sum(dim=0, dtype=torch.float64) if x.shape[0] else torch.zeros(x.shape[1], dtype=torch.float64,

@@ -22,7 +22,7 @@ def report() -> str:
     import torch
 
     import gelora
-    from gelora.knn.engines.registry import describe
+    from gelora.neighbours.engines.registry import describe
 
     lines = [
         f"gelora {gelora.__version__}  python {platform.python_version()}  torch {torch.__version__}"

@@ -5,9 +5,9 @@ from typing import Optional
 
 import torch
 
-from .knn.inputs import ArrayLike, as_points
-from .knn.points import centre, direct_sq_dist
-from .knn.reference import knn_reference
+from .neighbours.inputs import ArrayLike, as_points
+from .neighbours.points import centre, direct_sq_dist
+from .neighbours.reference import knn_reference
 
 
 def assert_knn_match(

@@ -23,7 +23,7 @@ def usable_backends(device: str = "cpu"):
     """The kNN engines usable for ``device`` here. Under ``GELORA_REQUIRE_EXT`` (CI) the C++ core and
     FAISS must be among them on the CPU: a broken install fails the run instead of shrinking the list of
     engines every parametrised test runs on."""
-    from gelora.knn.engines import all_backends
+    from gelora.neighbours.engines import all_backends
 
     probe = torch.zeros(8, 4, device=device)
     found = {n: b.not_supported_reasons(probe) for n, b in all_backends().items()}

@@ -48,7 +48,7 @@ def test_every_module_imports_first():
     """Each module of the package imports on its own, first, with no other gelora module loaded: an
     import cycle (or an ``__init__`` that imports upwards) fails here."""
     mods = _modules()
-    assert "gelora.knn.pipeline" in mods and "gelora.id.twonn" in mods and "gelora.kernels.knn_top2" in mods
+    assert "gelora.neighbours.pipeline" in mods and "gelora.id.twonn" in mods and "gelora.kernels.knn_top2" in mods
     out = subprocess.run([sys.executable, "-c", _FIRST, *mods], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-3000:]

@@ -1,7 +1,7 @@
-"""The per-row, outlier-aware certification of the exact kNN pipeline (:func:`gelora.knn._uncertified`).
+"""The per-row, outlier-aware certification of the exact kNN pipeline (:func:`gelora.neighbours._uncertified`).
 
 A few rows of huge norm ("massive activations" of decoder hidden states) must fail alone: the other
-rows' bounds use the norms that can compete for their neighbours (:func:`gelora.knn.competitor_radius`),
+rows' bounds use the norms that can compete for their neighbours (:func:`gelora.neighbours.competitor_radius`),
 not the largest norm of the data. And the bound stays rigorous: an engine that errs by as much as its
 declared bound allows, in the worst direction, never makes the pipeline return a wrong neighbour.
 """
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gelora
-from gelora.knn import certify, pipeline, points, reference
-from gelora.knn.engines import Candidates, KnnBackend, NormScaledError, error_rows
+from gelora.neighbours import certify, pipeline, points, reference
+from gelora.neighbours.engines import Candidates, KnnBackend, NormScaledError, error_rows
 from gelora.id.estimate import id_from_distances
 
 from conftest import usable_backends

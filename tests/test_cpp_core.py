@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import gelora
-from gelora.knn.engines import cpp as cpp_backend
-from gelora.knn.engines import get_backend, select_backend
-from gelora.knn.engines.torch import gemm_error_bound
+from gelora.neighbours.engines import cpp as cpp_backend
+from gelora.neighbours.engines import get_backend, select_backend
+from gelora.neighbours.engines.torch import gemm_error_bound
 from gelora.testing import assert_knn_match
 
 from conftest import import_core  # noqa: E402
@@ -417,7 +417,7 @@ def test_asan_build_runs_clean():
 
 def test_backend_rerank_matches_pipeline_direct_distances():
     """The C++ re-rank gives the pipeline's direct distances (exactly 0 for duplicates)."""
-    from gelora.knn.points import centre, direct_sq_dist
+    from gelora.neighbours.points import centre, direct_sq_dist
 
     x = centre(torch.randn(300, 97, generator=torch.Generator().manual_seed(6)) + 20.0)
     x[200] = x[10]

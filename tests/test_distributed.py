@@ -95,7 +95,7 @@ def _worker(rank, world, port, outdir, backend):
         assert res.n_duplicates == 3, res.n_duplicates
         _same_result(res, ref)
         # the forced engine, else the first with a cross search (the C++ core has none)
-        from gelora.knn.engines import select_backend
+        from gelora.neighbours.engines import select_backend
 
         assert res.backend == (backend or select_backend(xl, need=("cross",)).name)
         ids = {"mle": res.id}
@@ -166,7 +166,7 @@ def _worker(rank, world, port, outdir, backend):
             # float64 far clusters: rows even the float64 shortcut cannot rank get the brute-force
             # ring pass; distances are those of the points given, as in one process, bit for bit
             import gelora.distributed as gd
-            from gelora.knn.points import direct_sq_dist
+            from gelora.neighbours.points import direct_sq_dist
 
             calls = []
             brute = gd.brute_knn
@@ -204,7 +204,7 @@ def _worker(rank, world, port, outdir, backend):
             # a forced engine runs, or raises on every rank with its reasons: never a silent substitute
             # (the C++ core has no cross search, so the ring cannot use it)
             from gelora import BackendUnavailable
-            from gelora.knn.engines import all_backends
+            from gelora.neighbours.engines import all_backends
 
             with pytest.raises(BackendUnavailable, match="'cpp' cannot run here"):
                 twonn_distributed(xl, backend="cpp")

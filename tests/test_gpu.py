@@ -22,7 +22,7 @@ pytestmark = [
 @pytest.fixture(scope="module", autouse=True)
 def _triton():
     pytest.importorskip("triton")
-    from gelora.knn.engines import all_backends
+    from gelora.neighbours.engines import all_backends
 
     all_backends()
 
@@ -95,8 +95,8 @@ def _check_neighbours(x, dist, idx, ref, what):
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "tf32", "ieee"])
 @pytest.mark.parametrize("kind", ["manifold", "outlier", "lattice", "massive"])
 def test_candidates_and_bound_on_device(precision, kind):
-    from gelora.knn.engines.triton import triton_candidates
-    from gelora.knn.points import centre
+    from gelora.neighbours.engines.triton import triton_candidates
+    from gelora.neighbours.points import centre
 
     n, d = (1025, 59) if kind in ("outlier", "lattice") else (4097, 768)
     xc = centre(_points(n, d, kind))
@@ -108,8 +108,8 @@ def test_candidates_and_bound_on_device(precision, kind):
 
 
 def test_symmetric_chunked_streamed_agree_and_are_deterministic():
-    from gelora.knn.engines.triton import triton_candidates
-    from gelora.knn.points import centre
+    from gelora.neighbours.engines.triton import triton_candidates
+    from gelora.neighbours.points import centre
 
     xc = centre(_points(20000, 256, seed=1))
     runs = [triton_candidates(xc, 4) for _ in range(3)]
@@ -149,7 +149,7 @@ def test_pipeline_matches_reference(dtype, kind):
 
 def test_host_input_is_streamed(monkeypatch):
     import gelora
-    from gelora.knn.engines import get_backend
+    from gelora.neighbours.engines import get_backend
 
     b = get_backend("triton")
     x = _points(6000, 128, seed=3, dup=False).cpu()

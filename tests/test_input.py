@@ -22,7 +22,7 @@ def test_nan_and_inf_rejected():
 def test_check_points_one_pass(dtype):
     """check_points: the NaN count of as_points, and from the same pass (C++ core) the row hashes and
     the float64 mean; (None, None) where the core does not apply."""
-    from gelora.knn.inputs import check_points, cpu_core
+    from gelora.neighbours.inputs import check_points, cpu_core
     from gelora.id.dedup import hash_coef
 
     x = (subspace_points(300, d=4, D=12) * 3).to(dtype)
@@ -119,7 +119,7 @@ def test_unknown_and_unavailable_backend():
     x = subspace_points(100)
     with pytest.raises(ValueError, match="unknown kNN backend"):
         gelora.twonn(x, backend="cuvs")
-    from gelora.knn.engines import all_backends
+    from gelora.neighbours.engines import all_backends
 
     missing = [n for n, b in all_backends().items() if b.not_supported_reasons(x)]
     for name in missing:

@@ -21,7 +21,7 @@ from torch import nn
 import gelora.lora as L
 import gelora.lora.backends  # noqa: F401  (patched below)
 import gelora.lora.inject  # noqa: F401
-from gelora.knn.engines import BackendUnavailable
+from gelora.neighbours.engines import BackendUnavailable
 from gelora.kernels import lora as K
 
 try:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import gelora
-from gelora.knn.inputs import power_of_two_scale
+from gelora.neighbours.inputs import power_of_two_scale
 from gelora.testing import assert_knn_match
 from gelora.id.dedup import unique_rows
 from gelora.id.estimate import id_from_distances

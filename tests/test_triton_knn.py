@@ -171,8 +171,8 @@ def _check_candidates_and_bound():
     the candidates are the exact kc nearest up to the bound, every non-candidate is at least
     ``cand_d2[:, -1] - err`` away, and ``|approx - exact| <= err`` for every candidate. Data: a shifted
     manifold, duplicates, integer-lattice ties and one row with a 1000x norm; whole and chunked."""
-    from gelora.knn.engines.triton import triton_candidates
-    from gelora.knn.points import centre
+    from gelora.neighbours.engines.triton import triton_candidates
+    from gelora.neighbours.points import centre
 
     worst = {}
     for kind, n, d in (("manifold", 203, 45), ("dups", 150, 70), ("lattice", 120, 6), ("outlier", 180, 40)):
@@ -212,7 +212,7 @@ def _check_pipeline():
     """gelora.knn2 / twonn with backend="triton" (the shared pipeline around the kernel) against the
     float64 reference: awkward shapes, float64/float16 input, non-contiguous input, duplicates."""
     import gelora
-    from gelora.knn.engines import all_backends, select_backend
+    from gelora.neighbours.engines import all_backends, select_backend
 
     all_backends()
     for n, d, kind in ((3, 1, "manifold"), (97, 1, "manifold"), (257, 59, "dups"), (1025, 3, "manifold"),
@@ -289,7 +289,7 @@ def _check_scale():
 
 def _check_reasons_interpreter():
     """Under the interpreter the backend accepts CPU tensors and still rejects bad dtypes."""
-    from gelora.knn.engines import get_backend
+    from gelora.neighbours.engines import get_backend
 
     b = get_backend("triton")
     assert b.not_supported_reasons(torch.zeros(4, 3)) == []
@@ -441,8 +441,8 @@ def test_backend_reasons_in_interpreter():
 def test_backend_reasons_without_gpu():
     """Plain CPU: the Triton backend explains why it cannot run, and forcing it raises with that."""
     import gelora
-    from gelora.knn.engines import BackendUnavailable, all_backends, get_backend
-    from gelora.knn.engines import triton as triton_backend  # noqa: F401  (registers it even if others came first)
+    from gelora.neighbours.engines import BackendUnavailable, all_backends, get_backend
+    from gelora.neighbours.engines import triton as triton_backend  # noqa: F401  (registers it even if others came first)
 
     all_backends()
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -486,7 +486,7 @@ def test_launcher_rejects_bad_arguments():
 def test_error_bound_grows_with_distance_not_norm():
     """The bound of a row scales with its kc-th distance and its rounding error, and a far outlier
     row does not loosen the bound of the other rows (norm-sorted prefix maxima)."""
-    from gelora.knn.engines.triton import KeyIndex, OperandStats, tile_error_bound
+    from gelora.neighbours.engines.triton import KeyIndex, OperandStats, tile_error_bound
 
     n = 5
     norm = torch.tensor([1.0, 1.1, 1.2, 1.3, 1000.0], dtype=torch.float64)

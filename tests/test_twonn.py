@@ -85,7 +85,7 @@ def test_float64_recomputation_is_streamed_and_exact(monkeypatch, mode):
     given, and exact ties (a row present three times) are broken by index. ``mode``: "plain" already
     centred points, nothing else; "mean" the points as given with their float64 mean; "xc" the points,
     their float32 centred copy and the mean (what knn_exact passes)."""
-    from gelora.knn import points, reference
+    from gelora.neighbours import points, reference
 
     g = torch.Generator().manual_seed(11)
     x = torch.randn(1500, 97, generator=g) * 3 + 40
@@ -140,7 +140,7 @@ def test_reference_exact_where_the_float64_shortcut_cannot_rank(dtype, monkeypat
     """Rows whose neighbours the float64 shortcut cannot separate fail the reference's certification
     and get a brute-force search: the distances are the brute-force ones bit for bit (the old
     reference got some up to 1% wrong here), the indices are at those distances."""
-    from gelora.knn import points, reference
+    from gelora.neighbours import points, reference
 
     x = _far_clusters().to(dtype)
     want_d, _ = _brute_knn(x, 2)
@@ -184,7 +184,7 @@ def test_float32_far_clusters_distances_of_the_points_given(backend):
     but the re-rank and the float64 recomputation use the points as given and the certification
     accounts for the centring's rounding: the ratios are those of the brute-force float64 distances of
     the points to float32 accuracy, and the neighbours are at the brute-force distances."""
-    from gelora.knn import points
+    from gelora.neighbours import points
     from gelora.id.estimate import id_from_distances
 
     g = torch.Generator().manual_seed(3)
@@ -211,7 +211,7 @@ def test_float32_far_clusters_distances_of_the_points_given(backend):
 
 
 def test_smallest_by_index_is_the_stable_sort():
-    from gelora.knn.reference import _smallest_by_index
+    from gelora.neighbours.reference import _smallest_by_index
 
     g = torch.Generator().manual_seed(14)
     for trial in range(60):
@@ -229,7 +229,7 @@ def test_smallest_by_index_is_the_stable_sort():
 
 def test_direct_sq_dist_against_separate_keys():
     """Queries against a separate key set (the distributed shards), any chunking: the same values."""
-    from gelora.knn.points import direct_sq_dist
+    from gelora.neighbours.points import direct_sq_dist
 
     g = torch.Generator().manual_seed(12)
     q = torch.randn(70, 33, generator=g, dtype=torch.float64)
@@ -254,8 +254,8 @@ def test_direct_sq_dist_against_separate_keys():
 def test_centre_with_a_given_mean_is_centre(dtype):
     """``centre(x, mean=...)`` with the float64 column mean (what the C++ core's one pass over the
     points returns) is bitwise ``centre(x)``, so a caller that has the mean need not read x again."""
-    from gelora.knn.inputs import cpu_core
-    from gelora.knn.points import centre
+    from gelora.neighbours.inputs import cpu_core
+    from gelora.neighbours.points import centre
 
     x = (torch.randn(257, 45, generator=torch.Generator().manual_seed(13)) * 2 + 7).to(dtype)
     for cdt in (torch.float32, torch.float64):
@@ -273,8 +273,8 @@ def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedu
     """With the C++ core, one ``prepare_points`` pass gives twonn the NaN check, the row hashes and the
     mean (a second one only for the mean of the rows left after removing duplicates), and the result is
     bit for bit that of the separate passes (as_points, unique_rows, centre)."""
-    from gelora.knn import pipeline, points
-    from gelora.knn.inputs import as_points, cpu_core
+    from gelora.neighbours import pipeline, points
+    from gelora.neighbours.inputs import as_points, cpu_core
     from gelora.id.estimate import id_from_distances
 
     x = subspace_points(700, d=6, D=48, offset=3.0, seed=4, dtype=dtype)
@@ -289,7 +289,7 @@ def test_twonn_reads_the_points_once_and_matches_the_separate_passes(dtype, dedu
         keep, n_dup = gelora.unique_rows(xt)
         assert n_dup == dups
         xt = xt[keep]
-    engine = gelora.knn.engines.select_backend(xt, None)
+    engine = gelora.neighbours.engines.select_backend(xt, None)
     xc, mean = points.centre_and_mean(xt, pipeline.compute_dtype(xt))
     dist, _, _ = pipeline.knn_exact(xc, 2, engine, points=xt, mean=mean)
     want = id_from_distances(dist)
@@ -445,7 +445,7 @@ def test_result_is_float_convertible():
 _PEAK_SCRIPT = r"""
 import resource, sys, torch
 torch.set_num_threads(1)
-from gelora.knn import points, reference
+from gelora.neighbours import points, reference
 n, d = 1_000_000, 64
 x = torch.randn(n, d, generator=torch.Generator().manual_seed(0))
 rows = torch.randperm(n, generator=torch.Generator().manual_seed(1))[:100]
@@ -478,7 +478,7 @@ def test_float64_recomputation_memory_is_bounded(tmp_path):
 def test_column_mean_and_inputs_untouched():
     """The chunked float64 mean is the mean, and no search modifies the caller's points (float64 points
     are centred in copies, never in place)."""
-    from gelora.knn import points, reference
+    from gelora.neighbours import points, reference
 
     g = torch.Generator().manual_seed(2)
     x = torch.randn(700, 13, generator=g, dtype=torch.float64) * 5 + 1e3

@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..knn.inputs import cpu_core
+from ..neighbours.inputs import cpu_core
 
 # ---------------------------------------------------------------------------------------------------
 # Duplicates
@@ -40,7 +40,7 @@ def unique_rows(x: torch.Tensor, hashes: Optional[torch.Tensor] = None) -> Tuple
     Args:
         x: (N, D) float tensor.
         hashes: (N,) int64 hashes of the rows of ``x`` with :func:`hash_coef` when the caller has them
-            (:func:`gelora.knn.inputs.check_points` returns them from its pass over the points).
+            (:func:`gelora.neighbours.inputs.check_points` returns them from its pass over the points).
 
     Returns:
         keep: (M,) int64 sorted indices of the rows to keep; n_duplicates = N - M.

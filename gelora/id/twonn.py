@@ -2,7 +2,7 @@
 the duplicates policy are in :mod:`gelora.id.estimate`).
 
 ``twonn`` checks the points, scales them into float32's comfortable range when they are far from 1,
-collapses duplicates (:mod:`gelora.id.dedup`), runs the exact kNN pipeline (:mod:`gelora.knn.pipeline`)
+collapses duplicates (:mod:`gelora.id.dedup`), runs the exact kNN pipeline (:mod:`gelora.neighbours.pipeline`)
 and estimates; with ``group=`` the same over the ranks of a process group (:mod:`gelora.distributed`).
 """
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import List, NamedTuple, Optional
 import torch
 
 from ..distributed import twonn_distributed
-from ..knn.engines.registry import select_backend
-from ..knn.inputs import ArrayLike, as_points, check_points, power_of_two_scale
-from ..knn.pipeline import compute_dtype, knn_exact
-from ..knn.points import centre_and_mean
+from ..neighbours.engines.registry import select_backend
+from ..neighbours.inputs import ArrayLike, as_points, check_points, power_of_two_scale
+from ..neighbours.pipeline import compute_dtype, knn_exact
+from ..neighbours.points import centre_and_mean
 from .dedup import hash_coef, unique_rows
 from .estimate import TwoNNResult, check_estimator, result_from_distances
 
@@ -58,7 +58,7 @@ def twonn(
     Returns:
         :class:`TwoNNResult`. The estimate does not depend on the units of ``x``: points far from 1
         (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of two, which is exact
-        (:func:`gelora.knn.inputs.power_of_two_scale`); ``r1_mean`` is in the units of ``x``.
+        (:func:`gelora.neighbours.inputs.power_of_two_scale`); ``r1_mean`` is in the units of ``x``.
 
     Raises:
         TypeError: unsupported dtype (integer, complex, bool) or input type.

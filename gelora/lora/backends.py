@@ -9,7 +9,7 @@ import torch
 
 from .. import _env
 from .._registry import Registry
-from ..knn.inputs import cpu_core
+from ..neighbours.inputs import cpu_core
 from ..kernels import lora as _klora  # gelora/kernels links to the top-level kernels/ folder
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

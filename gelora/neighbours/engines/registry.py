@@ -19,7 +19,7 @@ from .base import KnnBackend
 PRIORITY = ("triton", "cpp", "faiss", "torch")
 
 
-KNN = Registry("kNN", PRIORITY, ["gelora.knn.engines." + m for m in ("triton", "cpp", "faiss", "torch")],
+KNN = Registry("kNN", PRIORITY, ["gelora.neighbours.engines." + m for m in ("triton", "cpp", "faiss", "torch")],
                "GELORA_BACKEND")
 
 

@@ -3,19 +3,19 @@
 1. centre the points (the mean is taken in float64): the ``|x|^2 + |y|^2 - 2<x,y>`` shortcut that
    fast engines use loses ``~u * |x|^2`` absolute accuracy, so large offsets must go first;
 2. the backend returns ``kc > k`` *candidates* per row with approximate squared distances of the
-   centred points and an error bound (:meth:`gelora.knn.engines.base.KnnBackend.search`);
+   centred points and an error bound (:meth:`gelora.neighbours.engines.base.KnnBackend.search`);
 3. the candidates are re-ranked with distances computed directly, ``sum((x - y)^2)`` in float32 (float64
    for float64 input), on the user's points as given (not the centred ones: centring into float32
    rounds every coordinate once more, by up to ``u |x - mean|``, which is not small against the
    neighbour distances of a tight cluster far from the mean). Exact duplicates get exactly 0, never a
    fake ``1e-2`` from cancellation;
-4. certification, per row (:func:`gelora.knn.certify.uncertified_rows`): a row is exact when its re-ranked k-th distance is
+4. certification, per row (:func:`gelora.neighbours.certify.uncertified_rows`): a row is exact when its re-ranked k-th distance is
    below the smallest distance any non-candidate can have (the backend's kc-th approximate distance
    minus its error bound, moved by the centring's rounding, :func:`centring_floor`), with both bounds
    evaluated at the norms that can compete for the row's neighbours (:func:`competitor_radius`), so a
    few rows of huge norm (massive activations) do not loosen the others'. Rows that fail are searched
-   exactly in their norm shell when it is thin (:func:`gelora.knn.reference.norm_shell_rows`: the outlier rows), else
-   recomputed by the streamed float64 reference (:func:`gelora.knn.reference.reference_rows`, within :func:`gelora.knn.points.chunk_bytes`
+   exactly in their norm shell when it is thin (:func:`gelora.neighbours.reference.norm_shell_rows`: the outlier rows), else
+   recomputed by the streamed float64 reference (:func:`gelora.neighbours.reference.reference_rows`, within :func:`gelora.neighbours.points.chunk_bytes`
    of working memory), so the answer never depends on the engine's rounding.
 
 :func:`knn_reference` is the float64 reference that tests and benchmarks compare against. It runs the
@@ -122,7 +122,7 @@ def knn2(
     Returns:
         dist: (N, k) float32 Euclidean distances (not squared), ascending per row, in the units of ``x``.
             Points far from 1 (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of
-            two (exact; :func:`gelora.knn.inputs.power_of_two_scale`) and the distances scaled back in
+            two (exact; :func:`gelora.neighbours.inputs.power_of_two_scale`) and the distances scaled back in
             float64: one beyond float32's range comes back ``inf`` (above ~3.4e38) or subnormal/0
             (below ~1.2e-38); ``idx`` is exact either way.
         idx: (N, k) int64 neighbour indices (into the masked, flattened points). A point is never its

@@ -1,7 +1,7 @@
 """The certificate of the exact kNN pipeline: rigorous bounds, with their derivations, that decide per row
 whether the engine's candidates are the exact neighbours.
 
-:func:`uncertified_rows` is the test :func:`gelora.knn.pipeline.knn_exact` applies: per row, the engine's
+:func:`uncertified_rows` is the test :func:`gelora.neighbours.pipeline.knn_exact` applies: per row, the engine's
 error bound and the centring's rounding are evaluated at the norms that can compete for the row's
 neighbours (:func:`competitor_radius`), so a few rows of huge norm (massive activations) fail alone.
 :func:`float64_floor` is the float64 reference's own (worst-case) certificate.
@@ -18,7 +18,7 @@ from .engines.base import error_rows
 def float64_shortcut_error(
     sq_norms: torch.Tensor, dim: int, key_max: Optional[torch.Tensor] = None
 ) -> Tuple[torch.Tensor, float]:
-    """Worst-case rounding bounds of the float64 search of :func:`gelora.knn.reference.reference_rows`.
+    """Worst-case rounding bounds of the float64 search of :func:`gelora.neighbours.reference.reference_rows`.
 
     For rows ``x``, ``y`` with squared norms ``a``, ``b`` (computed as ``sum(x * x)``), the float64
     shortcut ``(a + b) - 2 <x, y>`` errs by at most ``2 gamma_{D+2} (|x|^2 + |y|^2)``: each norm by
@@ -202,7 +202,7 @@ def uncertified_rows(
     ``sqrt(kth[i])`` away. Within it, the engine's approximate distance of j is at least the row's
     kc-th candidate value ``cand_last[i]`` (the engine's contract), so its true centred squared distance
     is at least ``cand_last[i] - err_i(W_i)``, with the engine's error bound evaluated for keys of norm
-    at most ``W_i`` (:func:`gelora.knn.engines.base.error_rows`), and its true distance on the points at least
+    at most ``W_i`` (:func:`gelora.neighbours.engines.base.error_rows`), and its true distance on the points at least
     :func:`centring_floor` of that with ``W_i`` as the largest key norm. The row is certified when
     ``kth[i]`` is at most that floor. Neither term uses the largest norm of the data set unless a row's
     own window reaches it, so a few rows of huge norm (massive activations) fail alone.
@@ -210,7 +210,7 @@ def uncertified_rows(
     Args:
         kth: (N,) k-th re-ranked squared distances (dtype of ``xc``).
         cand_last: (N,) the engine's kc-th approximate squared distances.
-        err: the engine's error bound (tensor, scalar or :class:`gelora.knn.engines.base.NormScaledError`).
+        err: the engine's error bound (tensor, scalar or :class:`gelora.neighbours.engines.base.NormScaledError`).
         xc: (N, D) the searched (centred) points. sq: (N,) their squared norms, or None.
         centred: whether ``xc`` is a centred copy of the points the distances are of.
 

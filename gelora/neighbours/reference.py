@@ -1,9 +1,9 @@
 """The float64 reference and the exact fallback of failing rows, both streamed (memory bounded by
-:func:`gelora.knn.points.chunk_bytes`, whatever N).
+:func:`gelora.neighbours.points.chunk_bytes`, whatever N).
 
 :func:`knn_reference` is the float64 reference that tests and benchmarks compare against. It runs the
 pipeline's steps in float64 with a worst-case (not probabilistic) bound on the shortcut's rounding
-(:func:`gelora.knn.certify.float64_shortcut_error`), and a row it cannot certify gets a brute-force
+(:func:`gelora.neighbours.certify.float64_shortcut_error`), and a row it cannot certify gets a brute-force
 direct-difference search over all points, so it is exact even where float64 cannot separate the
 neighbours through the shortcut (points far from the mean relative to their neighbour distances).
 :func:`reference_rows` is the same for a subset of rows (the pipeline's float64 fallback);
@@ -94,7 +94,7 @@ def reference_rows(
     runs on ``x`` itself (nothing centred, nothing to account for).
 
     Memory: rows are taken in blocks and the points in chunks so that the float64 query block, one
-    float64 chunk and their distance tile stay within :func:`gelora.knn.points.chunk_bytes`, whatever N; each block
+    float64 chunk and their distance tile stay within :func:`gelora.neighbours.points.chunk_bytes`, whatever N; each block
     reads the points once more (about ``M / 1024`` passes, fewer for small D).
 
     Returns:

@@ -29,8 +29,8 @@ With ``a_i`` the float32 accumulation bound of ``K`` for those rows and ``e = ep
 
 Every row j that is not a candidate then has exact squared distance ``>= K - err_i``, and every row
 with exact squared distance ``<= K`` has ``|K_ij - exact| <= err_i``: what the certification in
-:mod:`gelora.knn` needs. ``rho`` covers the pipeline's own float32 re-rank. The accumulation bound
-``a_i = alpha (|x~_i|^2 + S_i^2)`` follows :func:`gelora.knn.engines.torch.gemm_error_coef`
+:mod:`gelora.neighbours` needs. ``rho`` covers the pipeline's own float32 re-rank. The accumulation bound
+``a_i = alpha (|x~_i|^2 + S_i^2)`` follows :func:`gelora.neighbours.engines.torch.gemm_error_coef`
 (8 standard deviations of ``sqrt(D) u`` random rounding) with ``u = 2**-23`` and a deterministic bias
 of one ulp per 8 accumulated columns for tensor cores, which truncate instead of rounding.
 

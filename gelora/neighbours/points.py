@@ -20,7 +20,7 @@ from .inputs import cpu_core
 RERANK_CHUNK_ELEMS = 1 << 20
 
 
-#: Bytes of working memory that the float64 recomputation of failing rows (:func:`gelora.knn.reference.reference_rows`) and
+#: Bytes of working memory that the float64 recomputation of failing rows (:func:`gelora.neighbours.reference.reference_rows`) and
 #: the mean of the points (:func:`column_mean`) may take beyond the input and its centred copy, whatever
 #: N: float64 chunks of the points, the query rows and their distance tile. ``GELORA_CHUNK_BYTES``
 #: overrides it (bytes; e.g. ``268435456`` for 256 MiB).

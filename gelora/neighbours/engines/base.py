@@ -3,10 +3,10 @@
 An engine is fast, not exact: for every query row it returns ``kc`` *candidate* neighbours with
 approximate squared distances and an error bound (:meth:`KnnBackend.search`, and
 :meth:`KnnBackend.cross_search` for the distributed ring: queries against another shard). The shared
-pipeline (:mod:`gelora.knn.pipeline`) re-ranks the candidates with directly computed distances
-(:meth:`KnnBackend.rerank`) and certifies the result (:mod:`gelora.knn.certify`), so every engine is
+pipeline (:mod:`gelora.neighbours.pipeline`) re-ranks the candidates with directly computed distances
+(:meth:`KnnBackend.rerank`) and certifies the result (:mod:`gelora.neighbours.certify`), so every engine is
 exact. Every engine answers :meth:`KnnBackend.not_supported_reasons` (and
-:meth:`KnnBackend.cross_reasons`), which selection (:mod:`gelora.knn.engines.registry`) reads.
+:meth:`KnnBackend.cross_reasons`), which selection (:mod:`gelora.neighbours.engines.registry`) reads.
 """
 from __future__ import annotations
 
@@ -132,13 +132,13 @@ class NormScaledError:
     pair by a bound that grows with *both* norms: ``|approx(i, j) - |x_i - x_j|^2| <= coef (sq[i] +
     |x_j|^2)``. Evaluated with the largest ``|x_j|`` of the data set (:meth:`rows` without argument), a
     few rows of huge norm (the "massive activations" of decoder hidden states) loosen every row's bound
-    by orders of magnitude. The pipeline (:func:`gelora.knn.pipeline.knn_exact`) instead evaluates it, per row,
+    by orders of magnitude. The pipeline (:func:`gelora.neighbours.pipeline.knn_exact`) instead evaluates it, per row,
     at the largest norm a point can have and still compete for the row's neighbours
-    (:func:`gelora.knn.certify.competitor_radius`), which is about ``|x_i| + r_k``.
+    (:func:`gelora.neighbours.certify.competitor_radius`), which is about ``|x_i| + r_k``.
 
     Attributes:
         sq: (N,) squared norms of the rows as the engine computed them (the tile operands' norms).
-        coef: the factor of the bound (:func:`gelora.knn.engines.torch.gemm_error_coef`).
+        coef: the factor of the bound (:func:`gelora.neighbours.engines.torch.gemm_error_coef`).
     """
 
     def __init__(self, sq: torch.Tensor, coef: float) -> None:

@@ -50,7 +50,7 @@ class CppBackend(KnnBackend):
         return []
 
     def search(self, x: torch.Tensor, kc: int) -> Candidates:
-        """See :meth:`gelora.knn.engines.base.KnnBackend.search`. ``x`` (N, D) float32/float64 on the
+        """See :meth:`gelora.neighbours.engines.base.KnnBackend.search`. ``x`` (N, D) float32/float64 on the
         CPU; other float dtypes are computed in float32. Uses ``torch.get_num_threads()`` threads. The
         (N,) squared norms the core computed for its tiles come back too (no second pass)."""
         work = x.detach()

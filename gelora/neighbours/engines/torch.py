@@ -31,7 +31,7 @@ def gemm_error_coef(dim: int, dtype: torch.dtype) -> float:
 
 
 def gemm_error_model(sq_norms: torch.Tensor, dim: int, dtype: torch.dtype) -> NormScaledError:
-    """The per-pair form of :func:`gemm_error_bound` (:class:`gelora.knn.engines.base.NormScaledError`), which
+    """The per-pair form of :func:`gemm_error_bound` (:class:`gelora.neighbours.engines.base.NormScaledError`), which
     the pipeline evaluates at the norms that can compete for each row's neighbours."""
     return NormScaledError(sq_norms, gemm_error_coef(dim, dtype))
 
