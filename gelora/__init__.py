@@ -1,6 +1,8 @@
 """gelora: GeLoRA (Geometric Low-Rank Adaptation) made fast.
 
 * :func:`estimate_id` / :func:`twonn`: exact TwoNN intrinsic dimension of (N, D) or (B, T, D) states.
+* :func:`gride`: the GRIDE ID at neighbour orders 1, 2, 4, ... (the ID as a function of scale);
+  :func:`mle_id`: the Levina-Bickel / MacKay-Ghahramani maximum-likelihood ID over k neighbours.
 * :func:`knn2`: exact two nearest neighbours with a choice of engines (Triton, C++, FAISS, torch).
 * :func:`profile_model`: per-layer IDs of a transformers model; :func:`allocate_ranks`: GeLoRA ranks;
   :func:`lora_config`: a PEFT ``LoraConfig`` with verified ``rank_pattern``/``alpha_pattern``.
@@ -29,6 +31,10 @@ _PUBLIC = {
     "estimate_id": "gelora.id.twonn",
     "id_scale_curve": "gelora.id.twonn",
     "twonn": "gelora.id.twonn",
+    "GrideResult": "gelora.id.gride",
+    "gride": "gelora.id.gride",
+    "MleResult": "gelora.id.mle",
+    "mle_id": "gelora.id.mle",
     "knn2_distributed": "gelora.distributed",
     "twonn_distributed": "gelora.distributed",
     "ModuleProfile": "gelora.profile",
