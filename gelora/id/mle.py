@@ -22,8 +22,9 @@ over the M points treated as independent (their neighbourhoods overlap, so it is
 ``"median"`` ``1.2533 std(m_i) / sqrt(M)``.
 
 Duplicates: with ``dedup=True`` (default) duplicate rows are collapsed first (:mod:`gelora.id.dedup`). A
-duplicate has ``T_1 = 0``, so ``S_i`` is infinite and scikit-dimension's ``m_i = 0`` (or NaN when all k
-neighbours are copies), which pulls its average down; with ``dedup=False`` gelora drops those points
+duplicate has ``T_1 = 0``, so ``S_i`` is infinite and scikit-dimension's ``m_i = 0`` (about 0.5 where
+scikit-learn's norm shortcut leaves ~1e-8 for the copy; NaN when all k neighbours are copies), which
+pulls its average down (tests/test_mle.py); with ``dedup=False`` gelora drops those points
 (counted in ``n_zero``, with a warning). A point whose k neighbours are equidistant (``S_i = 0``,
 lattices) has ``m_i = inf``: it adds nothing to the harmonic combination and makes ``"mean"`` raise.
 """
