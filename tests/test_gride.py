@@ -192,3 +192,17 @@ def test_bad_input():
         gride_from_distances(torch.ones(5, 1))
     with pytest.raises(ValueError, match="2-D"):
         gelora.gride(torch.ones(5))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_points_give_the_cpu_curve():
+    """The search and the estimator on the GPU (the Triton engine when it is usable), the same curve."""
+    x = subspace_points(3000, d=7, D=96, seed=7)
+    cpu = gelora.gride(x)
+    for backend in usable_backends("cuda"):
+        gpu = gelora.gride(x.cuda(), backend=backend)
+        np.testing.assert_allclose(gpu.ids.numpy(), cpu.ids.numpy(), rtol=RTOL)
+        np.testing.assert_allclose(gpu.stderr.numpy(), cpu.stderr.numpy(), rtol=RTOL)
+        m = gelora.mle_id(x.cuda(), k=20, backend=backend)
+        assert m.id == pytest.approx(gelora.mle_id(x, k=20).id, rel=RTOL)

@@ -160,7 +160,7 @@ def gride_from_distances(dist: torch.Tensor, *, dedup: bool = True) -> dict:
     if int(cnt.min()) < 2:
         raise ValueError(f"gride: fewer than 2 points with r_n1 > 0 at some scale ({cnt.tolist()} "
                          f"for n1 = {n1.tolist()})")
-    q95, q50 = _percentile(mu, cnt, 0.95), _percentile(mu, cnt, 0.50)
+    q95, q50 = _percentiles(mu, cnt, (0.95, 0.50))
     used = ok & (mu < (20 * (q95 - q50) + q50))  # DADApy's cut of likely overlapping points
     log_mu = torch.where(ok, torch.log(torch.where(ok, mu, 1.0)), 0.0)
     ids = solve_scores(torch.where(used, log_mu, 0.0), used, n1)
@@ -170,17 +170,21 @@ def gride_from_distances(dist: torch.Tensor, *, dedup: bool = True) -> dict:
                 n_used=used.sum(0).cpu(), n_zero=n_zero.cpu(), mu=mu.cpu())
 
 
-def _percentile(v: torch.Tensor, cnt: torch.Tensor, q: float) -> torch.Tensor:
-    """(S,) the q-quantile of the first ``cnt[s]`` finite values of every column of ``v`` (M, S),
-    NaN elsewhere; linearly interpolated exactly as ``numpy.percentile``'s default (its ``_lerp``)."""
-    srt = torch.sort(torch.nan_to_num(v, nan=float("inf")), dim=0).values
-    h = q * (cnt - 1).to(torch.float64)
-    lo = torch.floor(h).long()
-    hi = torch.minimum(lo + 1, cnt - 1)
-    t = h - lo
-    a, b = srt.gather(0, lo[None]).squeeze(0), srt.gather(0, hi[None]).squeeze(0)
-    diff = b - a
-    return torch.where(t >= 0.5, b - diff * (1 - t), a + diff * t)
+def _percentiles(v: torch.Tensor, cnt: torch.Tensor, qs) -> list:
+    """[(S,) the q-quantile of the ``cnt[s]`` finite values of every column of ``v`` (M, S), NaN elsewhere,
+    for q in qs]; linearly interpolated exactly as ``numpy.percentile``'s default (its ``_lerp``).
+    One sort of the rows of the transpose (a sort along dim 0 is several times slower)."""
+    srt = torch.sort(torch.nan_to_num(v.T.contiguous(), nan=float("inf")), dim=1).values
+    out = []
+    for q in qs:
+        h = q * (cnt - 1).to(torch.float64)
+        lo = torch.floor(h).long()
+        hi = torch.minimum(lo + 1, cnt - 1)
+        t = h - lo
+        a, b = srt.gather(1, lo[:, None]).squeeze(1), srt.gather(1, hi[:, None]).squeeze(1)
+        diff = b - a
+        out.append(torch.where(t >= 0.5, b - diff * (1 - t), a + diff * t))
+    return out
 
 
 def _inverse_term(log_mu: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
