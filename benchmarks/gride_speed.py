@@ -48,7 +48,7 @@ QUICK_SHAPES = [(2000, 384)]
 RANGE_MAX = 64
 
 
-def providers(x, skip: set, threads: int):
+def providers(x, skip: set):
     """{provider: callable returning the (S,) numpy IDs of the GRIDE curve} for the (N, D) float32 tensor x."""
     import numpy as np
     import torch
@@ -144,7 +144,7 @@ def measure(name, x, args, skip):
     import numpy as np
 
     n, d = x.shape
-    fns = providers(x, skip, args.threads)
+    fns = providers(x, skip)
     print(f"## {name}: {', '.join(fns)}", flush=True)
     res = interleaved_medians(fns, repeats=args.repeats, warmup=True, budget_s=args.slow_budget)
     ref_name = next((p for p in fns if p.startswith("gelora-")), None)
@@ -167,7 +167,8 @@ def measure(name, x, args, skip):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2000 x 384 and 2000 tokens of one real layer, 1 repeat")
+    ap.add_argument("--quick", action="store_true", 
+                    help="smoke run: 2000 x 384 and 2000 tokens of one real layer, 1 repeat")
     ap.add_argument("--shapes", type=str, default=None, help="e.g. 10000x384,20000x768; 'none' for real only")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)

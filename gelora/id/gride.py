@@ -38,7 +38,6 @@ warning). A genuine tie ``r_n2 = r_n1 > 0``
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Optional
