@@ -205,7 +205,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     from .data import DataUnavailable, load_texts, vader_movie_sentences
     from .peft_bridge import lora_config, rank_costs
-    from .profile import profile_model
+    from .profiling.driver import profile_model
     from .ranks import NOISE_P, allocate_ranks, parse_budget
 
     if args.max_tokens < 3:

@@ -14,7 +14,7 @@ the difference counts: ``ceil(d_{i+1} - d_i - z * sqrt(se_i^2 + se_{i+1}^2))``.
 
 How certain a bound is
 ----------------------
-A profile taken with a paired bootstrap (:attr:`gelora.profile.ProfileResult.paired`; or
+A profile taken with a paired bootstrap (:attr:`gelora.profiling.results.ProfileResult.paired`; or
 ``replicates=`` with plain IDs) gives every ID difference a distribution: each replicate is a whole
 profile, so the differences keep their pairing. The allocation reports, per entry, the probability of
 each GeLoRA bound over the replicates (``bound_probs``), that of the bound it gives (``p_bound``) and
@@ -301,7 +301,7 @@ def allocate_ranks(
 
     Args:
         ids: the L + 1 layer IDs ``[d_0, ..., d_L]`` (list, tensor or a
-            :class:`gelora.profile.ProfileResult`) for L per-block ranks; or a mapping
+            :class:`gelora.profiling.results.ProfileResult`) for L per-block ranks; or a mapping
             ``{module name: (d_in, d_out)}`` (or a ProfileResult with ``per_module=True``) for per-module ranks.
         rule: ``"gelora"`` (the paper's bound), ``"paired"`` (the real-valued bound of the growth beyond
             ``z`` paired standard errors; needs replicates) or ``"uniform"`` (bound 1 everywhere: with a

@@ -57,7 +57,7 @@ def test_every_module_imports_first():
 
 def test_import_gelora_is_light():
     code = ("import sys, gelora; gelora.__version__; "
-            "print(sorted(m for m in ('triton', 'transformers', 'peft', 'gelora.lora', 'gelora.profile') "
+            "print(sorted(m for m in ('triton', 'transformers', 'peft', 'gelora.lora', 'gelora.profiling') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
