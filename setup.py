@@ -70,7 +70,8 @@ class CMakeBuild(build_ext):
 setup(
     # gelora/kernels is a link to the top-level kernels/ folder (no __init__.py there: a regular package
     # named `kernels` at the root would shadow Hugging Face's `kernels`, which transformers imports)
-    packages=["gelora", "gelora.id", "gelora.neighbours", "gelora.neighbours.engines", "gelora.lora", "gelora.kernels"],
+    packages=["gelora", "gelora.id", "gelora.neighbours", "gelora.neighbours.engines", "gelora.profiling", "gelora.lora",
+              "gelora.kernels"],
     ext_modules=[CMakeExtension("gelora._C", sourcedir=str(ROOT))],
     cmdclass={"build_ext": CMakeBuild},
     zip_safe=False,

@@ -356,7 +356,7 @@ def collate(seqs: Sequence[Sequence[int]], pad_id: int, labels: Optional[Sequenc
     ``labels`` (B,) int64 when given."""
     import torch
 
-    from gelora.profile import _pad_right
+    from gelora.profiling.sampler import pad_right as _pad_right
 
     out = _pad_right([list(q) for q in seqs], pad_id)
     if labels is not None:
@@ -383,13 +383,13 @@ def batch_order(n: int, batch_size: int, steps: int, seed: int) -> List[List[int
 # Adapters
 # ---------------------------------------------------------------------------------------------------
 def uniform_ranks(model, cfg: E2EConfig) -> Dict[str, int]:
-    from gelora.profile import resolve_target_modules
+    from gelora.profiling.structure import resolve_target_modules
 
     return {t.name: cfg.rank for t in resolve_target_modules(model, target_modules(cfg.targets))}
 
 
 def budget_params(model, cfg: E2EConfig) -> int:
-    from gelora.profile import resolve_target_modules
+    from gelora.profiling.structure import resolve_target_modules
 
     return cfg.rank * sum(t.params_per_rank for t in resolve_target_modules(model, target_modules(cfg.targets)))
 
@@ -430,7 +430,7 @@ def module_ranks(peft_model, names: Sequence[str]) -> Dict[str, int]:
 
 def effective_lora_params(model, ranks: Dict[str, int], adalora: bool) -> int:
     """LoRA parameters that carry the adapter: ``sum r_m (in_m + out_m)`` (AdaLoRA: ``+ r_m`` for E)."""
-    from gelora.profile import linear_features
+    from gelora.profiling.structure import linear_features
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     tot = 0
@@ -472,7 +472,7 @@ def prepare_job(cfg: E2EConfig, method: str, workdir: Path) -> Dict[str, Any]:
     import torch
 
     from gelora.peft_bridge import lora_config, rank_costs
-    from gelora.profile import profile_model
+    from gelora.profiling.driver import profile_model
     from gelora.ranks import allocate_ranks
 
     reset_peak_rss()

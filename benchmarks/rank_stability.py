@@ -174,7 +174,7 @@ def alloc_seconds(prof, per_module: bool, cost, repeats: int = 5) -> float:
 
 def run_model(name: str, args, rows: list, cost_rows: list, calib_rows: list, ranks_out: dict) -> None:
     from gelora.peft_bridge import rank_costs
-    from gelora.profile import profile_model
+    from gelora.profiling.driver import profile_model
     from gelora.ranks import allocate_ranks
 
     label, model, tok = load(name)

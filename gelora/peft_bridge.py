@@ -29,7 +29,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from .profile import TargetModule, TargetSpec, _is_conv1d, find_blocks, resolve_target_modules
+from .profiling.structure import TargetModule, TargetSpec, find_blocks, is_conv1d, resolve_target_modules
 from .ranks import RankAllocation
 
 ALPHA_POLICIES = ("constant_scaling", "constant_alpha")
@@ -134,7 +134,7 @@ def _intended_ranks(
                     f"missing {sorted(wanted - set(out))[:4]}, extra {sorted(set(out) - wanted)[:4]}"
                 )
         for k in out:
-            if not (isinstance(model.get_submodule(k), nn.Linear) or _is_conv1d(model.get_submodule(k))):
+            if not (isinstance(model.get_submodule(k), nn.Linear) or is_conv1d(model.get_submodule(k))):
                 raise ValueError(f"{k} is not an nn.Linear/Conv1D module")
         order = {n: i for i, (n, _) in enumerate(model.named_modules())}
         return dict(sorted(out.items(), key=lambda kv: order[kv[0]]))
@@ -222,7 +222,7 @@ def lora_config(
         model: the model the adapter will be added to (module names are taken from it).
         ranks: a :class:`gelora.ranks.RankAllocation` (per block or per module), a sequence of L
             per-block ranks, or a mapping ``{full module name: rank}``.
-        target_modules: the modules to adapt (see :func:`gelora.profile.resolve_target_modules`;
+        target_modules: the modules to adapt (see :func:`gelora.profiling.structure.resolve_target_modules`;
             default: every linear module inside the blocks; for a per-module allocation: its modules).
         alpha_policy: ``"constant_scaling"`` (``alpha = scaling * r``) or ``"constant_alpha"``
             (``lora_alpha`` everywhere, default 16).
@@ -268,7 +268,7 @@ def lora_config(
         alphas = {n: a for n in intended}
         alpha_default = a
         alpha_pattern = {}
-    if any(_is_conv1d(model.get_submodule(n)) for n in intended):
+    if any(is_conv1d(model.get_submodule(n)) for n in intended):
         lora_kwargs.setdefault("fan_in_fan_out", True)
     cfg = LoraConfig(
         r=r_default,

@@ -14,7 +14,7 @@ the difference counts: ``ceil(d_{i+1} - d_i - z * sqrt(se_i^2 + se_{i+1}^2))``.
 
 How certain a bound is
 ----------------------
-A profile taken with a paired bootstrap (:attr:`gelora.profile.ProfileResult.paired`; or
+A profile taken with a paired bootstrap (:attr:`gelora.profiling.results.ProfileResult.paired`; or
 ``replicates=`` with plain IDs) gives every ID difference a distribution: each replicate is a whole
 profile, so the differences keep their pairing. The allocation reports, per entry, the probability of
 each GeLoRA bound over the replicates (``bound_probs``), that of the bound it gives (``p_bound``) and
@@ -284,6 +284,207 @@ def _quantiles(col: torch.Tensor) -> Tuple[float, float]:
     return float(q[0]), float(q[1])
 
 
+def _check_rule(rule: str, min_rank: int, max_rank: Optional[int], z: Optional[float]) -> float:
+    """Checks the rule and the clamps; returns ``z`` (its default for the rule when None)."""
+    if rule not in RULES:
+        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+    if not isinstance(min_rank, int) or min_rank < 1:
+        raise ValueError(f"min_rank must be an integer >= 1, got {min_rank!r}")
+    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < min_rank):
+        raise ValueError(f"max_rank must be an integer >= min_rank={min_rank}, got {max_rank!r}")
+    if z is None:
+        z = PAIRED_Z if rule == "paired" else 0.0
+    z = float(z)
+    if not z >= 0:
+        raise ValueError(f"z must be >= 0, got {z}")
+    return z
+
+
+@dataclass
+class _Entries:
+    """What ranks are allocated to: a name, an ID difference (output minus input) and its unpaired
+    standard error per entry, and the (B, E) replicate differences of a paired bootstrap (or None)."""
+
+    names: List[str]
+    deltas: List[float]
+    ses: List[float]
+    blocks: List[int]
+    rels: List[Optional[str]]
+    per_module: bool
+    reps: Optional[torch.Tensor] = None
+    unit: Optional[str] = None
+
+
+def _module_entries(pairs: Mapping[str, Tuple[float, float, float, float]], blocks: List[int],
+                    rels: List[Optional[str]], reps: Optional[torch.Tensor] = None,
+                    unit: Optional[str] = None) -> _Entries:
+    """Per-module entries from ``{name: (d_in, d_out, se_in, se_out)}``."""
+    names = list(pairs)
+    if not names:
+        raise ValueError("no modules to allocate ranks to")
+    deltas, ses = [], []
+    for k, (a, b, sa, sb) in pairs.items():
+        if not (math.isfinite(a) and math.isfinite(b)):
+            raise ValueError(f"{k}: IDs must be finite, got ({a}, {b})")
+        deltas.append(b - a)
+        ses.append(math.hypot(sa, sb))
+    return _Entries(names, deltas, ses, blocks, rels, True, reps, unit)
+
+
+def _mapping_entries(ids: Mapping[str, Any]) -> _Entries:
+    """Per-module entries from ``{name: (d_in, d_out)}`` or ``{name: (d_in, d_out, se_in, se_out)}``."""
+    pairs: Dict[str, Tuple[float, float, float, float]] = {}
+    for k, v in ids.items():
+        v = tuple(float(x) for x in v)
+        if len(v) not in (2, 4):
+            raise ValueError(f"{k}: expected (d_in, d_out) or (d_in, d_out, se_in, se_out), got {v}")
+        pairs[k] = v if len(v) == 4 else (v[0], v[1], 0.0, 0.0)
+    return _module_entries(pairs, [-1] * len(pairs), [None] * len(pairs))
+
+
+def _profile_module_entries(modules: Any, paired: Any, unit: Optional[str], replicates: Any) -> _Entries:
+    """Per-module entries of a profile taken with ``modules=``; the replicate differences of each
+    module's output and input sets from the profile's paired bootstrap."""
+    if not modules:
+        raise ValueError("per_module=True needs a profile taken with modules=...")
+    if replicates is not None:
+        raise ValueError("replicates= is for per-block IDs; per module they come from the profile")
+    pairs = {k: (m.id_in, m.id_out, m.stderr_in, m.stderr_out) for k, m in modules.items()}
+    reps = None
+    if paired is not None:
+        reps = (paired.columns([m.out_key for m in modules.values()])
+                - paired.columns([m.in_key for m in modules.values()]))
+    return _module_entries(pairs, [m.block for m in modules.values()], [m.rel for m in modules.values()],
+                           reps, unit)
+
+
+def _block_entries(ids: Any, stderr: Optional[Sequence[float]], replicates: Any, unit: Optional[str]) -> _Entries:
+    """Per-block entries from the L + 1 layer IDs: block i grows the ID from ``d_i`` to ``d_{i+1}``."""
+    try:
+        d = [float(x) for x in ids]
+    except TypeError as exc:
+        raise TypeError(f"ids must be a sequence of L + 1 floats, a mapping or a ProfileResult, "
+                        f"got {type(ids).__name__}") from exc
+    if len(d) < 2:
+        raise ValueError(f"need the IDs of at least 2 layers (L + 1 for L blocks), got {len(d)}")
+    bad = [i for i, x in enumerate(d) if not math.isfinite(x)]
+    if bad:
+        raise ValueError(f"IDs must be finite; layer(s) {bad} are not")
+    se = [float(x) for x in stderr] if stderr is not None else [0.0] * len(d)
+    if len(se) != len(d):
+        raise ValueError(f"stderr has {len(se)} entries for {len(d)} IDs")
+    names = [f"block {i}" for i in range(len(d) - 1)]
+    deltas = [d[i + 1] - d[i] for i in range(len(d) - 1)]
+    ses = [math.hypot(se[i], se[i + 1]) for i in range(len(d) - 1)]
+    reps = None
+    if replicates is not None:
+        r = torch.as_tensor(replicates, dtype=torch.float64)
+        if r.dim() != 2 or r.shape[1] != len(d) or r.shape[0] < 2:
+            raise ValueError(f"replicates must be (B >= 2, {len(d)}) replicate IDs, got {tuple(r.shape)}")
+        reps = r[:, 1:] - r[:, :-1]
+    return _Entries(names, deltas, ses, list(range(len(d) - 1)), [None] * len(names), False, reps, unit)
+
+
+def _entries(ids: Any, stderr: Optional[Sequence[float]], per_module: Optional[bool], replicates: Any) -> _Entries:
+    """The entries of :func:`allocate_ranks`' ``ids``: a ProfileResult (its paired bootstrap supplies the
+    replicates unless ``replicates=`` is given), a mapping of module IDs, or a sequence of layer IDs."""
+    unit: Optional[str] = None
+    if hasattr(ids, "ids") and hasattr(ids, "stderr"):  # ProfileResult
+        paired = getattr(ids, "paired", None)
+        if paired is not None and getattr(paired, "replicates", None) is not None:
+            unit = paired.unit
+        else:
+            paired = None
+        if per_module:
+            return _profile_module_entries(getattr(ids, "modules", None), paired, unit, replicates)
+        if stderr is None:
+            stderr = list(ids.stderr)
+        if replicates is None and paired is not None:
+            replicates = paired.columns(paired.keys[: len(ids.ids)])
+        elif replicates is not None:
+            unit = None
+        ids = list(ids.ids)
+    elif isinstance(ids, Mapping):
+        if replicates is not None:
+            raise ValueError("replicates= is for per-block IDs, not a mapping of module IDs")
+        return _mapping_entries(ids)
+    return _block_entries(ids, stderr, replicates, unit)
+
+
+@dataclass
+class _Bounds:
+    """The rule's bounds of every entry, the paper's integer bounds, and what the replicates say of them
+    (empty lists without replicates)."""
+
+    bounds: List[Any]
+    gelora: List[int]
+    sds: List[float] = field(default_factory=list)
+    probs: List[Dict[int, float]] = field(default_factory=list)
+    p_bound: List[float] = field(default_factory=list)
+    ci: List[Tuple[float, float]] = field(default_factory=list)
+
+
+def _rule_bounds(rule: str, z: float, e: _Entries) -> _Bounds:
+    """The bounds of ``rule``: the paper's (``z`` unpaired standard errors off), the paired one (``z``
+    paired standard errors off, real-valued) or 1; with replicates, each paper bound's probability and the
+    95% interval of the rule's bound.
+
+    Raises:
+        ValueError: ``rule="paired"`` without replicates.
+    """
+    z_gelora = z if rule == "gelora" else 0.0
+    out = _Bounds(bounds=[], gelora=[gelora_bound(dl, se=s, z=z_gelora) for dl, s in zip(e.deltas, e.ses)])
+    if e.reps is not None:
+        out.sds, out.probs, rep_bounds = _replicate_stats(e.reps, e.ses, z_gelora)
+        out.p_bound = [p.get(b, 0.0) for p, b in zip(out.probs, out.gelora)]
+        if rule == "paired":
+            rep_bounds = 1.0 + torch.clamp(e.reps - z * torch.tensor(out.sds, dtype=torch.float64), min=0.0)
+        elif rule == "uniform":
+            rep_bounds = torch.ones_like(e.reps)
+        out.ci = [_quantiles(rep_bounds[:, i]) for i in range(e.reps.shape[1])]
+    elif rule == "paired":
+        raise ValueError("rule='paired' needs the paired bootstrap: a profile taken with paired_bootstrap > 0, "
+                         "or replicates= of the IDs")
+    if rule == "gelora":
+        out.bounds = list(out.gelora)
+    elif rule == "paired":
+        out.bounds = [1.0 + max(dl - z * sd, 0.0) for dl, sd in zip(e.deltas, out.sds)]
+    else:
+        out.bounds = [1] * len(e.names)
+    return out
+
+
+def _costs(cost: Union[None, Sequence[int], Mapping[str, int]], names: List[str]) -> List[int]:
+    """Parameters per unit of rank of each entry (1 when ``cost`` is None)."""
+    if cost is None:
+        c = [1] * len(names)
+    elif isinstance(cost, Mapping):
+        missing = [n for n in names if n not in cost]
+        if missing:
+            raise ValueError(f"cost has no entry for {missing[:4]}")
+        c = [int(cost[n]) for n in names]
+    else:
+        c = [int(x) for x in cost]
+        if len(c) != len(names):
+            raise ValueError(f"cost has {len(c)} entries for {len(names)} ranks")
+    if any(x < 1 for x in c):
+        raise ValueError("cost entries must be positive integers")
+    return c
+
+
+def _ranks(bounds: Sequence[Any], c: List[int], budget: Budget, min_rank: int, max_rank: Optional[int]
+           ) -> Tuple[Optional[int], List[int], Optional[int], List[float]]:
+    """``(budget in parameters, ranks, leftover, targets)``: without a budget the bounds rounded up and
+    clamped, with one the proportional fit of :func:`_fit_budget`."""
+    b_params = parse_budget(budget, c)
+    if b_params is None:
+        ints = [max(math.ceil(b - _CEIL_EPS), 1) for b in bounds]
+        ranks = [max(min_rank, b) if max_rank is None else min(max(min_rank, b), max_rank) for b in ints]
+        return None, ranks, None, [float(r) for r in ranks]
+    ranks, left, targets = _fit_budget(bounds, c, b_params, min_rank, max_rank)
+    return b_params, ranks, left, targets
+
+
 def allocate_ranks(
     ids: Any,
     *,
@@ -301,7 +502,7 @@ def allocate_ranks(
 
     Args:
         ids: the L + 1 layer IDs ``[d_0, ..., d_L]`` (list, tensor or a
-            :class:`gelora.profile.ProfileResult`) for L per-block ranks; or a mapping
+            :class:`gelora.profiling.results.ProfileResult`) for L per-block ranks; or a mapping
             ``{module name: (d_in, d_out)}`` (or a ProfileResult with ``per_module=True``) for per-module ranks.
         rule: ``"gelora"`` (the paper's bound), ``"paired"`` (the real-valued bound of the growth beyond
             ``z`` paired standard errors; needs replicates) or ``"uniform"`` (bound 1 everywhere: with a
@@ -327,150 +528,16 @@ def allocate_ranks(
         ValueError: fewer than 2 IDs, non-finite IDs, bad clamps, a budget below ``min_rank`` everywhere,
             replicates of the wrong shape, or ``rule="paired"`` without replicates.
     """
-    if rule not in RULES:
-        raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
-    if not isinstance(min_rank, int) or min_rank < 1:
-        raise ValueError(f"min_rank must be an integer >= 1, got {min_rank!r}")
-    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < min_rank):
-        raise ValueError(f"max_rank must be an integer >= min_rank={min_rank}, got {max_rank!r}")
-    if z is None:
-        z = PAIRED_Z if rule == "paired" else 0.0
-    z = float(z)
-    if not z >= 0:
-        raise ValueError(f"z must be >= 0, got {z}")
-
-    pairs: Optional[Dict[str, Tuple[float, float, float, float]]] = None
-    blocks: List[int] = []
-    rels: List[Optional[str]] = []
-    reps: Optional[torch.Tensor] = None  # (B, entries) replicate differences
-    unit: Optional[str] = None
-    modules_attr = getattr(ids, "modules", None)
-    if hasattr(ids, "ids") and hasattr(ids, "stderr"):  # ProfileResult
-        paired = getattr(ids, "paired", None)
-        if paired is not None and getattr(paired, "replicates", None) is not None:
-            unit = paired.unit
-        else:
-            paired = None
-        if per_module:
-            if not modules_attr:
-                raise ValueError("per_module=True needs a profile taken with modules=...")
-            if replicates is not None:
-                raise ValueError("replicates= is for per-block IDs; per module they come from the profile")
-            pairs = {k: (m.id_in, m.id_out, m.stderr_in, m.stderr_out) for k, m in modules_attr.items()}
-            blocks = [m.block for m in modules_attr.values()]
-            rels = [m.rel for m in modules_attr.values()]
-            if paired is not None:
-                reps = (paired.columns([m.out_key for m in modules_attr.values()])
-                        - paired.columns([m.in_key for m in modules_attr.values()]))
-        else:
-            if stderr is None:
-                stderr = list(ids.stderr)
-            if replicates is None and paired is not None:
-                replicates = paired.columns(paired.keys[: len(ids.ids)])
-            elif replicates is not None:
-                unit = None
-            ids = list(ids.ids)
-    elif isinstance(ids, Mapping):
-        if replicates is not None:
-            raise ValueError("replicates= is for per-block IDs, not a mapping of module IDs")
-        pairs = {}
-        for k, v in ids.items():
-            v = tuple(float(x) for x in v)
-            if len(v) not in (2, 4):
-                raise ValueError(f"{k}: expected (d_in, d_out) or (d_in, d_out, se_in, se_out), got {v}")
-            pairs[k] = v if len(v) == 4 else (v[0], v[1], 0.0, 0.0)
-        blocks = [-1] * len(pairs)
-        rels = [None] * len(pairs)
-
-    if pairs is not None:
-        names = list(pairs)
-        if not names:
-            raise ValueError("no modules to allocate ranks to")
-        deltas, ses = [], []
-        for k, (a, b, sa, sb) in pairs.items():
-            if not (math.isfinite(a) and math.isfinite(b)):
-                raise ValueError(f"{k}: IDs must be finite, got ({a}, {b})")
-            deltas.append(b - a)
-            ses.append(math.hypot(sa, sb))
-        is_module = True
-    else:
-        try:
-            d = [float(x) for x in ids]
-        except TypeError as exc:
-            raise TypeError(f"ids must be a sequence of L + 1 floats, a mapping or a ProfileResult, "
-                            f"got {type(ids).__name__}") from exc
-        if len(d) < 2:
-            raise ValueError(f"need the IDs of at least 2 layers (L + 1 for L blocks), got {len(d)}")
-        bad = [i for i, x in enumerate(d) if not math.isfinite(x)]
-        if bad:
-            raise ValueError(f"IDs must be finite; layer(s) {bad} are not")
-        se = [float(x) for x in stderr] if stderr is not None else [0.0] * len(d)
-        if len(se) != len(d):
-            raise ValueError(f"stderr has {len(se)} entries for {len(d)} IDs")
-        names = [f"block {i}" for i in range(len(d) - 1)]
-        deltas = [d[i + 1] - d[i] for i in range(len(d) - 1)]
-        ses = [math.hypot(se[i], se[i + 1]) for i in range(len(d) - 1)]
-        blocks = list(range(len(d) - 1))
-        rels = [None] * len(names)
-        is_module = False
-        if replicates is not None:
-            r = torch.as_tensor(replicates, dtype=torch.float64)
-            if r.dim() != 2 or r.shape[1] != len(d) or r.shape[0] < 2:
-                raise ValueError(f"replicates must be (B >= 2, {len(d)}) replicate IDs, got {tuple(r.shape)}")
-            reps = r[:, 1:] - r[:, :-1]
-
-    z_gelora = z if rule == "gelora" else 0.0
-    gelora_bounds = [gelora_bound(dl, se=s, z=z_gelora) for dl, s in zip(deltas, ses)]
-    sds: List[float] = []
-    probs: List[Dict[int, float]] = []
-    p_bound: List[float] = []
-    ci: List[Tuple[float, float]] = []
-    if reps is not None:
-        sds, probs, rep_bounds = _replicate_stats(reps, ses, z_gelora)
-        p_bound = [p.get(b, 0.0) for p, b in zip(probs, gelora_bounds)]
-        if rule == "paired":
-            rep_bounds = 1.0 + torch.clamp(reps - z * torch.tensor(sds, dtype=torch.float64), min=0.0)
-        elif rule == "uniform":
-            rep_bounds = torch.ones_like(reps)
-        ci = [_quantiles(rep_bounds[:, e]) for e in range(reps.shape[1])]
-    elif rule == "paired":
-        raise ValueError("rule='paired' needs the paired bootstrap: a profile taken with paired_bootstrap > 0, "
-                         "or replicates= of the IDs")
-
-    if rule == "gelora":
-        bounds: List[Any] = list(gelora_bounds)
-    elif rule == "paired":
-        bounds = [1.0 + max(dl - z * sd, 0.0) for dl, sd in zip(deltas, sds)]
-    else:
-        bounds = [1] * len(names)
-
-    if cost is None:
-        c = [1] * len(names)
-    elif isinstance(cost, Mapping):
-        missing = [n for n in names if n not in cost]
-        if missing:
-            raise ValueError(f"cost has no entry for {missing[:4]}")
-        c = [int(cost[n]) for n in names]
-    else:
-        c = [int(x) for x in cost]
-        if len(c) != len(names):
-            raise ValueError(f"cost has {len(c)} entries for {len(names)} ranks")
-    if any(x < 1 for x in c):
-        raise ValueError("cost entries must be positive integers")
-
-    b_params = parse_budget(budget, c)
-    if b_params is None:
-        ints = [max(math.ceil(b - _CEIL_EPS), 1) for b in bounds]
-        ranks = [max(min_rank, b) if max_rank is None else min(max(min_rank, b), max_rank) for b in ints]
-        left = None
-        targets = [float(r) for r in ranks]
-    else:
-        ranks, left, targets = _fit_budget(bounds, c, b_params, min_rank, max_rank)
+    z = _check_rule(rule, min_rank, max_rank, z)
+    e = _entries(ids, stderr, per_module, replicates)
+    bd = _rule_bounds(rule, z, e)
+    c = _costs(cost, e.names)
+    b_params, ranks, left, targets = _ranks(bd.bounds, c, budget, min_rank, max_rank)
     return RankAllocation(
-        names=names, ranks=ranks, lower_bounds=bounds, deltas=deltas, cost=c,
+        names=e.names, ranks=ranks, lower_bounds=bd.bounds, deltas=e.deltas, cost=c,
         params=sum(ci * r for ci, r in zip(c, ranks)), rule=rule, min_rank=min_rank, max_rank=max_rank,
-        per_module=is_module, budget=b_params, leftover=left, blocks=blocks, rels=rels, z=z,
-        targets=targets, gelora_bounds=gelora_bounds, n_boot=0 if reps is None else int(reps.shape[0]),
-        bootstrap_unit=unit if reps is not None else None, delta_stderr=sds, bound_probs=probs,
-        p_bound=p_bound, bound_ci95=ci,
+        per_module=e.per_module, budget=b_params, leftover=left, blocks=e.blocks, rels=e.rels, z=z,
+        targets=targets, gelora_bounds=bd.gelora, n_boot=0 if e.reps is None else int(e.reps.shape[0]),
+        bootstrap_unit=e.unit if e.reps is not None else None, delta_stderr=bd.sds, bound_probs=bd.probs,
+        p_bound=bd.p_bound, bound_ci95=bd.ci,
     )

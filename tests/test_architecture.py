@@ -1,5 +1,6 @@
 """The layering of docs/architecture.md, checked: no import cycles (every module imports first in a fresh
 set of gelora modules), a light ``import gelora``, and one reader of the environment flags."""
+import ast
 import os
 import re
 import subprocess
@@ -49,6 +50,7 @@ def test_every_module_imports_first():
     import cycle (or an ``__init__`` that imports upwards) fails here."""
     mods = _modules()
     assert "gelora.neighbours.pipeline" in mods and "gelora.id.twonn" in mods and "gelora.kernels.knn_top2" in mods
+    assert {f"gelora.profiling.{m}" for m in ("structure", "sampler", "hooks", "results", "driver")} <= set(mods)
     out = subprocess.run([sys.executable, "-c", _FIRST, *mods], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -57,7 +59,7 @@ def test_every_module_imports_first():
 
 def test_import_gelora_is_light():
     code = ("import sys, gelora; gelora.__version__; "
-            "print(sorted(m for m in ('triton', 'transformers', 'peft', 'gelora.lora', 'gelora.profile') "
+            "print(sorted(m for m in ('triton', 'transformers', 'peft', 'gelora.lora', 'gelora.profiling') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -97,3 +99,44 @@ def test_env_flags_have_one_meaning(monkeypatch):
     monkeypatch.setenv("GELORA_CHUNK_BYTES", "lots")
     with pytest.raises(ValueError, match="GELORA_CHUNK_BYTES"):
         _env.integer("GELORA_CHUNK_BYTES")
+
+
+#: docs/architecture.md, "Who may import whom", for the model-facing layers: the gelora modules (or
+#: packages) each may import from
+_ALLOWED = {
+    "gelora.profiling.structure": (),
+    "gelora.profiling.sampler": (),
+    "gelora.profiling.results": ("gelora.id",),
+    "gelora.profiling.hooks": ("gelora.profiling.sampler", "gelora.profiling.structure"),
+    "gelora.profiling.driver": ("gelora.id", "gelora.profiling"),
+    "gelora.ranks": ("gelora.profiling.results",),
+    "gelora.peft_bridge": ("gelora.ranks", "gelora.profiling.structure"),
+}
+
+
+def _gelora_imports(modname: str):
+    """``(module, names)`` of every gelora import in a module (top level or inside functions)."""
+    path = ROOT.joinpath(*modname.split(".")).with_suffix(".py")
+    out = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = modname.split(".")[: -node.level] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            if mod == "gelora" or mod.startswith("gelora."):
+                out.append((mod, [a.name for a in node.names]))
+        elif isinstance(node, ast.Import):
+            out += [(a.name, []) for a in node.names if a.name.split(".")[0] == "gelora"]
+    return out
+
+
+def test_profiling_ranks_and_bridge_import_downwards_and_public_names_only():
+    bad = []
+    for modname, allowed in _ALLOWED.items():
+        for mod, names in _gelora_imports(modname):
+            if not any(mod == a or mod.startswith(a + ".") for a in allowed):
+                bad.append(f"{modname} imports {mod}")
+            bad += [f"{modname} imports the private {mod}.{n}" for n in names if n.startswith("_")]
+    assert not bad, "\n".join(bad)
+    # the checker sees relative imports, inside functions too
+    assert ("gelora.id.twonn", ["twonn"]) in _gelora_imports("gelora.profiling.driver")
+    assert any(m == "gelora.profiling.driver" for m, _ in _gelora_imports("gelora.cli"))

@@ -59,8 +59,8 @@ def test_kernels_are_gelora_kernels(name):
 
 
 def test_wheel_ships_gelora_kernels(tmp_path):
-    """A wheel built from the sources (without the C++ core, to keep it quick) carries the Triton kernels
-    as ``gelora/kernels/*.py`` and no top-level ``kernels`` package."""
+    """A wheel built from the sources (without the C++ core, to keep it quick) carries every package of
+    gelora, the Triton kernels as ``gelora/kernels/*.py`` and no top-level ``kernels`` package."""
     src = tmp_path / "src"
     ignore = shutil.ignore_patterns(".venv", ".git", "build", "dist", "*.egg-info", "__pycache__", "*.so",
                                     "results", "gelora_out", ".cache", ".hypothesis", ".pytest_cache")
@@ -76,3 +76,6 @@ def test_wheel_ships_gelora_kernels(tmp_path):
     for f in KERNEL_FILES:
         assert f"gelora/kernels/{f}" in names, sorted(names)
     assert not any(n.startswith("kernels/") for n in names), sorted(names)
+    # every package of the source tree ships (setup.py lists them by hand)
+    for init in (ROOT / "gelora").rglob("__init__.py"):
+        assert init.relative_to(ROOT).as_posix() in names, init

@@ -60,7 +60,7 @@ def test_per_module_allocation_reaches_peft():
 
 
 def test_per_module_profile_allocation_maps_by_block_and_name():
-    from gelora.profile import profile_model
+    from gelora.profiling.driver import profile_model
 
     m = tiny_llama()
     ids = torch.randint(3, 64, (12, 8), generator=torch.Generator().manual_seed(0))

@@ -12,13 +12,9 @@ import os
 import pytest
 import torch
 
-from gelora.profile import (
-    BottomKSampler,
-    find_blocks,
-    make_batches,
-    profile_model,
-    resolve_target_modules,
-)
+from gelora.profiling.driver import profile_model
+from gelora.profiling.sampler import BottomKSampler, make_batches
+from gelora.profiling.structure import find_blocks, resolve_target_modules
 
 transformers = pytest.importorskip("transformers")
 
@@ -381,7 +377,7 @@ def test_background_estimates_overlap_the_forward_passes(monkeypatch):
     it only returns if the forward passes go on meanwhile (ordered by events, not by sleeps)."""
     import threading
 
-    import gelora.profile as gp
+    import gelora.profiling.driver as gp
 
     real = gp.twonn
     started, overlapped = threading.Event(), threading.Event()

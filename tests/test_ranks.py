@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from gelora.profile import ModuleProfile, PairedBootstrap, ProfileResult
+from gelora.profiling.results import ModuleProfile, PairedBootstrap, ProfileResult
 from gelora.ranks import NOISE_P, PAIRED_Z, allocate_ranks, gelora_bound, parse_budget
 
 

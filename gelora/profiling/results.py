@@ -1,0 +1,214 @@
+"""What a profile returns: :class:`ProfileResult` (the per-layer IDs), :class:`ModuleProfile` (the IDs of a
+linear module's input and output) and :class:`PairedBootstrap` (one bootstrap of every ID of a profile over
+the shared points); :func:`gelora.ranks.allocate_ranks` reads them."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+
+from ..id.estimate import TwoNNResult
+from ..id.paired import bootstrap_stderr, paired_bootstrap
+
+#: What a replicate of the paired bootstrap resamples: whole sequences, or points one by one.
+BOOTSTRAP_UNITS = ("sequence", "token")
+
+
+@dataclass
+class ModuleProfile:
+    """IDs of the input and the output of one linear module (``block``, ``rel`` inside it)."""
+
+    name: str
+    block: int
+    rel: str
+    in_features: int
+    out_features: int
+    id_in: float
+    stderr_in: float
+    id_out: float
+    stderr_out: float
+    n_points: int
+    input_shared_with: Optional[str] = None
+
+    @property
+    def in_key(self) -> str:
+        """Key of the module's input sample (shared with ``input_shared_with``) in the profile's bootstrap."""
+        return f"in:{self.input_shared_with or self.name}"
+
+    @property
+    def out_key(self) -> str:
+        """Key of the module's output sample in the profile's bootstrap."""
+        return f"out:{self.name}"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class PairedBootstrap:
+    """Paired bootstrap of every ID of a profile (:func:`gelora.id.paired.paired_bootstrap`).
+
+    All samples of a profile hold the same points in the same slots, so one replicate resamples the
+    points once for every set and gives a whole profile; an ID difference then keeps its pairing.
+
+    Attributes:
+        keys: the K point sets: ``"layer0"`` .. ``"layerL"``, then ``"in:<module>"``/``"out:<module>"``.
+        log_mu: (K, N) float64 ``log(r2 / r1)`` of every slot in every set, ``NaN`` where a set has no
+            ratio for the slot (a collapsed duplicate).
+        groups: (N,) int64 sequence of every slot (the unit of ``unit="sequence"``).
+        fixed: sets whose ID is not estimated from ratios (0-dimensional: fewer than 3 distinct
+            points) and the value every replicate gives them.
+        unit: ``"sequence"`` or ``"token"``. n_boot, seed, estimator, discard_fraction: the replicates'.
+        replicates: (n_boot, K) float64 replicate IDs (after :meth:`run`).
+    """
+
+    keys: List[str]
+    log_mu: torch.Tensor = field(repr=False)
+    groups: torch.Tensor = field(repr=False)
+    fixed: Dict[str, float]
+    unit: str
+    n_boot: int
+    seed: int
+    estimator: str = "mle"
+    discard_fraction: float = 0.1
+    replicates: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def run(self) -> torch.Tensor:
+        """Draw the replicates (the same for the same seed) and store them in :attr:`replicates`."""
+        rep = paired_bootstrap(self.log_mu, n_boot=self.n_boot, seed=self.seed, estimator=self.estimator,
+                               discard_fraction=self.discard_fraction,
+                               groups=self.groups if self.unit == "sequence" else None)
+        for k, v in self.fixed.items():
+            rep[:, self.keys.index(k)] = v
+        self.replicates = rep
+        return rep
+
+    def resampled(self, *, n_boot: Optional[int] = None, seed: Optional[int] = None,
+                  unit: Optional[str] = None) -> "PairedBootstrap":
+        """A new bootstrap of the same ratios (another size, seed or unit), already run."""
+        if unit is not None and unit not in BOOTSTRAP_UNITS:
+            raise ValueError(f"unit must be one of {BOOTSTRAP_UNITS}, got {unit!r}")
+        out = PairedBootstrap(keys=list(self.keys), log_mu=self.log_mu, groups=self.groups, fixed=dict(self.fixed),
+                              unit=unit or self.unit, n_boot=n_boot or self.n_boot,
+                              seed=self.seed if seed is None else seed, estimator=self.estimator,
+                              discard_fraction=self.discard_fraction)
+        out.run()
+        return out
+
+    @property
+    def n_units(self) -> int:
+        """Units a replicate draws: distinct sequences, or points."""
+        return int(torch.unique(self.groups).numel()) if self.unit == "sequence" else int(self.log_mu.shape[1])
+
+    def columns(self, keys: Sequence[str]) -> torch.Tensor:
+        """(n_boot, len(keys)) replicate IDs of these sets."""
+        if self.replicates is None:
+            raise RuntimeError("the bootstrap has not been run")
+        return self.replicates[:, [self.keys.index(k) for k in keys]]
+
+    def stderr(self, keys: Optional[Sequence[str]] = None) -> List[float]:
+        """Bootstrap standard error of the ID of each set."""
+        return bootstrap_stderr(self.columns(keys or self.keys)).tolist()
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"n_boot": self.n_boot, "unit": self.unit, "n_units": self.n_units, "seed": self.seed,
+                "n_points": int(self.log_mu.shape[1]), "keys": list(self.keys), "fixed": dict(self.fixed)}
+
+
+@dataclass
+class ProfileResult:
+    """Result of :func:`profile_model`.
+
+    Attributes:
+        layers: L + 1 names: ``"embeddings"`` (input of block 0), then ``"block 0"`` ... ``"block L-1"``
+            (block outputs).
+        ids, stderr: TwoNN ID of each layer and its standard error (L + 1 floats each).
+        n_points: points in each layer's sample (at most ``max_tokens``).
+        n_duplicates: exact duplicate rows collapsed by the estimator (e.g. ``[CLS]`` at layer 0).
+        n_seen: points offered to the sampler (non-padding tokens, or sequences when pooled).
+        n_sequences: sequences run through the model.
+        modules: per-module profiles by full module name (when ``modules=`` was given).
+        timings: seconds: ``forward`` (batches through the model, hooks included), ``wait`` (for the
+            writer thread), ``estimate`` (final TwoNN), ``total``; ``tokens_per_s``.
+        history: with ``estimate_every``: ``{"batch", "n_seen", "ids"}`` snapshots taken in the background.
+        twonn: the full :class:`gelora.TwoNNResult` of each layer.
+        samples: with ``keep_samples=True``, each layer's sampled points, (n_points, D) on the host in
+            the storage dtype (row order is the sampler's slot order).
+        paired: the paired bootstrap of all the IDs (``paired_bootstrap > 0``), which
+            :func:`gelora.ranks.allocate_ranks` turns into the probability of each bound.
+    """
+
+    layers: List[str]
+    ids: List[float]
+    stderr: List[float]
+    n_points: List[int]
+    n_duplicates: List[int]
+    n_seen: int
+    n_sequences: int
+    pooling: str
+    max_tokens: int
+    seed: int
+    estimator: str
+    blocks_path: str
+    store_dtypes: List[str]
+    host_bytes: int
+    modules: Dict[str, ModuleProfile] = field(default_factory=dict)
+    timings: Dict[str, float] = field(default_factory=dict)
+    history: List[Dict[str, Any]] = field(default_factory=list)
+    model_name: str = ""
+    twonn: List[TwoNNResult] = field(default_factory=list, repr=False)
+    samples: Optional[List[torch.Tensor]] = field(default=None, repr=False)
+    paired: Optional[PairedBootstrap] = field(default=None, repr=False)
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.ids) - 1
+
+    @property
+    def backend(self) -> str:
+        return self.twonn[0].backend if self.twonn else ""
+
+    @property
+    def n_fixed(self) -> List[int]:
+        """Per layer, the rows whose neighbours the exactness certificate sent to the float64 path
+        (:attr:`gelora.TwoNNResult.n_fixed`; many of them mean a slow estimate, not a wrong one).
+        ``-1``: not counted (with ``paired_bootstrap`` the estimates go through :func:`gelora.knn2`,
+        which does not return it)."""
+        return [int(r.n_fixed) for r in self.twonn] if self.twonn else [0] * len(self.ids)
+
+    def summary(self) -> str:
+        """A plain-text table: layer, ID +/- stderr, sampled points, duplicates, rows recomputed in float64
+        (``-``: not counted)."""
+        rows = [f"{'layer':<12} {'ID':>8} {'+/-':>6} {'points':>8} {'dups':>6} {'fp64':>6}"]
+        for name, d, e, n, k, f in zip(self.layers, self.ids, self.stderr, self.n_points, self.n_duplicates,
+                                       self.n_fixed):
+            rows.append(f"{name:<12} {d:8.2f} {e:6.2f} {n:8d} {k:6d} {f if f >= 0 else '-':>6}")
+        return "\n".join(rows)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """JSON-ready dict (no tensors)."""
+        return {
+            "layers": list(self.layers),
+            "ids": [float(v) for v in self.ids],
+            "stderr": [float(v) for v in self.stderr],
+            "n_points": list(self.n_points),
+            "n_duplicates": list(self.n_duplicates),
+            "n_fixed": self.n_fixed,
+            "n_seen": self.n_seen,
+            "n_sequences": self.n_sequences,
+            "pooling": self.pooling,
+            "max_tokens": self.max_tokens,
+            "seed": self.seed,
+            "estimator": self.estimator,
+            "backend": self.backend,
+            "blocks_path": self.blocks_path,
+            "store_dtypes": list(self.store_dtypes),
+            "host_bytes": self.host_bytes,
+            "modules": {k: m.to_dict() for k, m in self.modules.items()},
+            "timings": dict(self.timings),
+            "history": list(self.history),
+            "model_name": self.model_name,
+            "paired_bootstrap": None if self.paired is None else {
+                **self.paired.to_dict(), "stderr_layers": self.paired.stderr(self.paired.keys[: len(self.ids)])},
+        }
