@@ -1,7 +1,7 @@
 """TwoNN estimates of point sets that share their points, and their paired bootstrap.
 
 The layers of a profile hold the *same* tokens (the sampler keeps one slot order for every layer, see
-:mod:`gelora.profile`), so the ID difference between two layers is a paired comparison: the tokens
+:mod:`gelora.profiling`), so the ID difference between two layers is a paired comparison: the tokens
 that make one layer's estimate high tend to make its neighbour's high too, and the difference varies
 less than the two standard errors suggest. The standard TwoNN bootstrap resamples the per-point
 ratios ``mu = r2 / r1`` with the nearest neighbours held fixed (no new neighbour search per
