@@ -85,7 +85,7 @@ def test_samples_are_the_masked_hidden_states(arch):
     batch = padded_batch()
     n_real = int(batch["attention_mask"].sum())
     res = profile_model(m, batch, max_tokens=10_000, batch_size=5, store_dtype=torch.float32,
-                        keep_samples=True, progress=False)
+                        keep_samples=True, progress=False, contexts="none")
     with torch.no_grad():
         out = m(**batch, output_hidden_states=True)
     hs = out.hidden_states
@@ -101,6 +101,79 @@ def test_samples_are_the_masked_hidden_states(arch):
             with torch.no_grad():
                 got = norm(got)
         assert rows_as_set_equal(got, ref), f"layer {i} differs"
+
+
+def prefix_batches():
+    """Sequences that share prefixes and whole copies, run in batches of different padded lengths, so
+    the copies are computed in differently shaped products."""
+    seqs = [[7, 8, 9, 10, 11, 12], [7, 8, 9], [7, 8, 20, 21], [7, 8, 9, 10, 11, 12], [30, 8, 9], [7]]
+    batches = []
+    for group in ([0, 1], [2, 4], [3], [5]):
+        t = max(len(seqs[i]) for i in group)
+        ids = torch.zeros(len(group), t, dtype=torch.long)
+        mask = torch.zeros(len(group), t, dtype=torch.long)
+        for r, i in enumerate(group):
+            ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+            mask[r, : len(seqs[i])] = 1
+        batches.append({"input_ids": ids, "attention_mask": mask})
+    return seqs, batches
+
+
+def distinct_contexts(seqs, causal):
+    if causal:
+        return {tuple(s[: j + 1]) for s in seqs for j in range(len(s))}
+    return {(tuple(s), j) for s in seqs for j in range(len(s))}
+
+
+@pytest.mark.parametrize("arch", ["llama", "bert"])
+def test_each_context_enters_the_sample_once(arch):
+    from gelora.profiling.contexts import is_causal
+
+    m = BUILDERS[arch]()
+    seqs, batches = prefix_batches()
+    n_tok = sum(len(s) for s in seqs)
+    causal = arch == "llama"
+    assert is_causal(m) is causal
+    want = len(distinct_contexts(seqs, causal))  # llama: 15 prefixes of 24 tokens; bert: 18 of 24
+    res = profile_model(m, batches, max_tokens=1000, keep_samples=True, progress=False,
+                        store_dtype=torch.float32, paired_bootstrap=0)
+    assert res.contexts == ("prefix" if causal else "sequence")
+    assert res.n_seen == n_tok and res.n_points == [want] * 4 and res.n_repeats == n_tok - want
+    assert res.to_dict()["n_repeats"] == n_tok - want
+    # the kept rows are one copy of each distinct state: no two closer than the rounding of the copies
+    for sample in res.samples[1:]:
+        d = torch.cdist(sample.double(), sample.double()) + torch.eye(want, dtype=torch.float64) * 1e9
+        assert float(d.min()) > 1e-3
+    plain = profile_model(m, batches, max_tokens=1000, progress=False, paired_bootstrap=0, contexts="none")
+    assert plain.n_points == [n_tok] * 4 and plain.n_repeats == 0 and plain.contexts == "none"
+    forced = profile_model(m, batches, max_tokens=1000, progress=False, paired_bootstrap=0, contexts="sequence")
+    assert forced.n_points == [len(distinct_contexts(seqs, False))] * 4
+    with pytest.raises(ValueError, match="contexts must be one of"):
+        profile_model(m, batches, max_tokens=1000, progress=False, contexts="tokens")
+
+
+def test_keyed_sampler_is_uniform_over_distinct_contexts():
+    # each of 40 contexts offered 1 to 5 times in shuffled batches: the bottom-k sample of 10 never holds a
+    # context twice, and over seeds every context is kept about equally often (not by its multiplicity)
+    import numpy as np
+
+    counts = np.zeros(40)
+    rng = np.random.default_rng(0)
+    for seed in range(300):
+        stream = np.repeat(np.arange(40, dtype=np.uint64) * np.uint64(2654435761), rng.integers(1, 6, 40))
+        rng.shuffle(stream)
+        s = BottomKSampler(10, seed=seed)
+        slot_key = {}
+        for chunk in np.array_split(stream, 7):
+            acc, slots = s.plan(len(chunk), chunk)
+            for a, sl in zip(acc.tolist(), slots.tolist()):
+                slot_key[sl] = int(chunk[a])
+        kept = list(slot_key.values())
+        assert len(kept) == len(set(kept)) == 10
+        assert s.n_seen == len(stream)
+        counts[[k // 2654435761 for k in kept]] += 1
+    # 300 x 10 / 40 = 75 expected per context; binomial sd ~7.5
+    assert counts.min() > 45 and counts.max() < 105, counts
 
 
 def test_padding_does_not_change_the_estimate():

@@ -60,6 +60,7 @@ from ..id.dedup import unique_rows
 from ..id.estimate import ESTIMATORS, TwoNNResult
 from ..id.paired import twonn_rows
 from ..id.twonn import twonn
+from .contexts import CONTEXTS, is_causal, token_keys
 from .hooks import POOLINGS, BatchSelection, Profiler
 from .results import BOOTSTRAP_UNITS, ModuleProfile, PairedBootstrap, ProfileResult
 from .sampler import make_batches
@@ -93,7 +94,7 @@ def _estimate(x: torch.Tensor, device: torch.device, what: str, rows: bool = Fal
 
 
 def _check_arguments(*, pooling: str, max_tokens: Any, estimator: str, estimate_every: int, paired_bootstrap: Any,
-                     bootstrap_unit: str, store_dtype: Optional[torch.dtype]) -> None:
+                     bootstrap_unit: str, store_dtype: Optional[torch.dtype], contexts: str) -> None:
     """Raises ValueError for an argument of :func:`profile_model` out of its range."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
@@ -108,6 +109,8 @@ def _check_arguments(*, pooling: str, max_tokens: Any, estimator: str, estimate_
         raise ValueError(f"paired_bootstrap must be 0 (none) or a number of replicates >= 2, got {paired_bootstrap!r}")
     if bootstrap_unit not in BOOTSTRAP_UNITS:
         raise ValueError(f"bootstrap_unit must be one of {BOOTSTRAP_UNITS}, got {bootstrap_unit!r}")
+    if contexts not in CONTEXTS:
+        raise ValueError(f"contexts must be one of {CONTEXTS}, got {contexts!r}")
     if store_dtype is not None and store_dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"store_dtype must be float16, bfloat16 or float32, got {store_dtype}")
 
@@ -150,6 +153,8 @@ class _Run:
     id_dev: torch.device
     forward_kwargs: Dict[str, Any]
     est_kw: Dict[str, Any]
+    #: context keys of the tokens: True prefix (causal model), False whole sequence, None no keys
+    causal: Optional[bool] = None
     n_seq: int = 0
     timings: Dict[str, float] = field(
         default_factory=lambda: {"forward": 0.0, "wait": 0.0, "estimate": 0.0, "bootstrap": 0.0})
@@ -209,7 +214,9 @@ def _forward(run: _Run, batch: Dict[str, Any], writer: ThreadPoolExecutor) -> Fu
     them (the returned future)."""
     prof = run.prof
     mask = batch["attention_mask"]
-    sel = BatchSelection(mask, prof.pooling, prof.sampler)
+    keys = None if run.causal is None else token_keys(
+        batch["input_ids"], mask, causal=run.causal, token_type_ids=batch.get("token_type_ids"))
+    sel = BatchSelection(mask, prof.pooling, prof.sampler, keys)
     prof.batch = sel
     prof.pending = []
     inputs = {k: (v.to(run.in_dev) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
@@ -349,6 +356,8 @@ def _result(run: _Run, results: Dict[str, TwoNNResult], paired: Optional[PairedB
         n_points=[r.n_points for r in layer_res],
         n_duplicates=[r.n_duplicates for r in layer_res],
         n_seen=n_seen,
+        n_repeats=prof.sampler.n_repeats,
+        contexts="none" if run.causal is None else ("prefix" if run.causal else "sequence"),
         n_sequences=run.n_seq,
         pooling=prof.pooling,
         max_tokens=prof.sampler.capacity,
@@ -392,6 +401,7 @@ def profile_model(
     keep_samples: bool = False,
     paired_bootstrap: int = 1000,
     bootstrap_unit: str = "sequence",
+    contexts: str = "auto",
 ) -> ProfileResult:
     """Estimate the intrinsic dimension of the hidden states entering and leaving every block.
 
@@ -423,6 +433,12 @@ def profile_model(
         bootstrap_unit: what a replicate resamples: ``"sequence"`` (every sampled point of a drawn
             sequence; tokens of one sequence are not independent) or ``"token"`` (points one by one).
             The same for pooled points (one point per sequence).
+        contexts: which tokens are one point (:mod:`gelora.profiling.contexts`): ``"prefix"`` (tokens with
+            the same prefix of ids: a causal model), ``"sequence"`` (the same whole sequence and
+            position), ``"auto"`` (``"prefix"`` when every attention module of the model is causal, else
+            ``"sequence"``) or ``"none"`` (every token is its own point). The sample keeps one token per
+            context: copies computed in batches of different shapes differ by rounding only and would
+            enter TwoNN as near-duplicates with ratios of up to 1e7.
 
     Returns:
         :class:`ProfileResult`.
@@ -431,7 +447,8 @@ def profile_model(
         ValueError: bad arguments, no data, too few points in a layer.
     """
     _check_arguments(pooling=pooling, max_tokens=max_tokens, estimator=estimator, estimate_every=estimate_every,
-                     paired_bootstrap=paired_bootstrap, bootstrap_unit=bootstrap_unit, store_dtype=store_dtype)
+                     paired_bootstrap=paired_bootstrap, bootstrap_unit=bootstrap_unit, store_dtype=store_dtype,
+                     contexts=contexts)
     t_start = time.perf_counter()
     blocks_path, ml = find_blocks(model, blocks)
     targets = resolve_target_modules(model, modules, blocks=blocks) if modules is not None else None
@@ -441,7 +458,8 @@ def profile_model(
                     modules=targets, blocks_path=blocks_path, blocks=ml)
     est_kw = dict(estimator=estimator, discard_fraction=discard_fraction, bootstrap=bootstrap, seed=seed,
                   backend=backend)
-    run = _Run(model, runner, prof, in_dev, id_dev, _forward_kwargs(model, forward_kwargs), est_kw)
+    causal = None if contexts == "none" else (is_causal(model) if contexts == "auto" else contexts == "prefix")
+    run = _Run(model, runner, prof, in_dev, id_dev, _forward_kwargs(model, forward_kwargs), est_kw, causal)
     history = _collect(run, batches, n_batches, estimate_every=estimate_every, progress=progress)
     keys, results, log_mu = _estimate_samples(run, rows=bool(paired_bootstrap), progress=progress)
     paired = _paired_bootstrap(run, keys, log_mu, n_boot=paired_bootstrap, unit=bootstrap_unit) \

@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from .contexts import sequence_keys
 from .sampler import BottomKSampler
 from .structure import TargetModule
 
@@ -90,20 +92,26 @@ class _Store:
 class BatchSelection:
     """Per-batch selection shared by all hooks: which flat positions / sequences enter the sample."""
 
-    def __init__(self, mask: torch.Tensor, pooling: str, sampler: BottomKSampler) -> None:
+    def __init__(
+        self, mask: torch.Tensor, pooling: str, sampler: BottomKSampler, keys: Optional[np.ndarray] = None
+    ) -> None:
+        """``keys``: optional (B, T) uint64 context keys of the tokens (:func:`.contexts.token_keys`);
+        a pooled point takes the key of its sequence (:func:`.contexts.sequence_keys`)."""
         b, t = mask.shape
         m = mask != 0
         self.shape = (b, t)
         self.mask = m
         if pooling == "tokens":
             flat = torch.nonzero(m.reshape(-1)).flatten()
-            acc, self.slots = sampler.plan(flat.numel())
+            fk = None if keys is None else keys.reshape(-1)[flat.numpy()]
+            acc, self.slots = sampler.plan(flat.numel(), fk)
             self.index = flat[acc]  # positions in the flattened (B*T) tokens
             self.seq = self.index // t  # the sequence (row of the batch) of each accepted point
         else:
             lengths = m.sum(dim=1)
             seqs = torch.nonzero(lengths > 0).flatten()
-            acc, self.slots = sampler.plan(seqs.numel())
+            sk = None if keys is None else sequence_keys(keys, mask)[seqs.numpy()]
+            acc, self.slots = sampler.plan(seqs.numel(), sk)
             sel = seqs[acc]
             self.seq = sel
             if pooling == "mean":

@@ -127,6 +127,8 @@ class ProfileResult:
         n_points: points in each layer's sample (at most ``max_tokens``).
         n_duplicates: exact duplicate rows collapsed by the estimator (e.g. ``[CLS]`` at layer 0).
         n_seen: points offered to the sampler (non-padding tokens, or sequences when pooled).
+        n_repeats: of those, points not admitted because a point of the same context was in the sample
+            (``contexts``: ``"prefix"``, ``"sequence"`` or ``"none"``; :mod:`gelora.profiling.contexts`).
         n_sequences: sequences run through the model.
         modules: per-module profiles by full module name (when ``modules=`` was given).
         timings: seconds: ``forward`` (batches through the model, hooks included), ``wait`` (for the
@@ -160,6 +162,8 @@ class ProfileResult:
     twonn: List[TwoNNResult] = field(default_factory=list, repr=False)
     samples: Optional[List[torch.Tensor]] = field(default=None, repr=False)
     paired: Optional[PairedBootstrap] = field(default=None, repr=False)
+    n_repeats: int = 0
+    contexts: str = "none"
 
     @property
     def n_blocks(self) -> int:
@@ -196,6 +200,8 @@ class ProfileResult:
             "n_duplicates": list(self.n_duplicates),
             "n_fixed": self.n_fixed,
             "n_seen": self.n_seen,
+            "n_repeats": self.n_repeats,
+            "contexts": self.contexts,
             "n_sequences": self.n_sequences,
             "pooling": self.pooling,
             "max_tokens": self.max_tokens,

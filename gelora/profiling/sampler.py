@@ -5,7 +5,10 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
+
+from .contexts import uniform_from_keys
 
 
 class BottomKSampler:
@@ -14,7 +17,9 @@ class BottomKSampler:
     Every point gets an i.i.d. U(0, 1) key (float64, seeded generator on the CPU); the sample is the
     ``capacity`` points with the smallest keys, which is a uniform random subset of all points seen.
     :meth:`plan` is called before the points exist (only their count is needed), so the caller copies
-    just the accepted points.
+    just the accepted points. With context keys (:mod:`gelora.profiling.contexts`) a point's key is a
+    hash of its context and the seed instead, and a context already in the sample is not admitted again:
+    the sample is then a uniform subset of the distinct contexts.
     """
 
     def __init__(self, capacity: int, seed: int = 0) -> None:
@@ -23,14 +28,24 @@ class BottomKSampler:
         self.capacity = int(capacity)
         self.keys = torch.empty(0, dtype=torch.float64)
         self.gen = torch.Generator(device="cpu").manual_seed(int(seed))
+        self.seed = int(seed)
         self.n_seen = 0
+        #: points not admitted because their context key was already in the sample or in the batch
+        self.n_repeats = 0
+        self.sample_keys: Optional[np.ndarray] = None  # uint64 context key of each slot (keyed plans)
 
     @property
     def size(self) -> int:
         return int(self.keys.numel())
 
-    def plan(self, m: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    def plan(self, m: int, keys: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """Admit ``m`` new points.
+
+        Args:
+            m: number of new points.
+            keys: optional (m,) uint64 context keys. Equal contexts then draw the same sampling key, and
+                a point whose context is already in the sample (or earlier in this batch) is not
+                admitted. Without keys every point is distinct.
 
         Returns:
             accepted: (a,) int64 ascending indices in ``[0, m)`` of the new points that enter the sample.
@@ -39,7 +54,8 @@ class BottomKSampler:
         empty = torch.empty(0, dtype=torch.int64)
         if m <= 0:
             return empty, empty
-        u = torch.rand(m, generator=self.gen, dtype=torch.float64)
+        bk = None if keys is None else np.asarray(keys, dtype=np.uint64).reshape(-1)
+        u = torch.rand(m, generator=self.gen, dtype=torch.float64) if bk is None else self._keyed_draw(bk, m)
         self.n_seen += m
         n, cap = self.size, self.capacity
         thr = math.inf if n < cap else float(self.keys.max())
@@ -49,7 +65,9 @@ class BottomKSampler:
         ck = u[cand]
         if n + cand.numel() <= cap:
             self.keys = torch.cat([self.keys, ck])
-            return cand, torch.arange(n, n + cand.numel(), dtype=torch.int64)
+            slots = torch.arange(n, n + cand.numel(), dtype=torch.int64)
+            self._set_sample_keys(bk, cand, slots)
+            return cand, slots
         allk = torch.cat([self.keys, ck])
         kept = torch.zeros(allk.numel(), dtype=torch.bool)
         kept[torch.topk(allk, cap, largest=False).indices] = True
@@ -60,7 +78,28 @@ class BottomKSampler:
         keys[:n] = self.keys
         keys[slots] = ck[cand_kept]
         self.keys = keys
+        self._set_sample_keys(bk, accepted, slots)
         return accepted, slots
+
+    def _keyed_draw(self, keys: np.ndarray, m: int) -> torch.Tensor:
+        """Sampling keys from context keys; ``inf`` (never admitted) for a context already in the sample or
+        earlier in the batch. A context seen before and not in the sample had a key above the threshold,
+        which only falls, so it stays out without being remembered."""
+        if keys.shape[0] != m:
+            raise ValueError(f"{keys.shape[0]} context keys for {m} points")
+        fresh = np.zeros(m, dtype=bool)
+        fresh[np.unique(keys, return_index=True)[1]] = True
+        if self.sample_keys is not None and self.size:
+            fresh &= ~np.isin(keys, self.sample_keys[: self.size])
+        self.n_repeats += int(m - fresh.sum())
+        return torch.from_numpy(np.where(fresh, uniform_from_keys(keys, self.seed), np.inf))
+
+    def _set_sample_keys(self, bk: Optional[np.ndarray], accepted: torch.Tensor, slots: torch.Tensor) -> None:
+        if bk is None:
+            return
+        if self.sample_keys is None:
+            self.sample_keys = np.zeros(self.capacity, dtype=np.uint64)
+        self.sample_keys[slots.numpy()] = bk[accepted.numpy()]
 
 
 def pad_right(seqs: List[List[int]], pad_id: int) -> Dict[str, torch.Tensor]:
