@@ -27,13 +27,14 @@ _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
 
 def t975(df: int) -> float:
     """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (table to 30, then the
-    Cornish-Fisher expansion ``z + (z^3 + z) / (4 df)``, within 0.002 of the exact value)."""
+    Cornish-Fisher expansion ``z + (z^3 + z) / (4 df) + (5 z^5 + 16 z^3 + 3 z) / (96 df^2)``, within
+    0.001 of the exact value)."""
     if df < 1:
         raise ValueError(f"df must be >= 1, got {df}")
     if df <= len(_T975):
         return _T975[df - 1]
     z = 1.959964
-    return z + (z ** 3 + z) / (4 * df)
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
 def mean_ci(xs: Sequence[float]) -> Dict[str, Any]:

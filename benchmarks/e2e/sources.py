@@ -123,6 +123,13 @@ def _clean(text: str) -> str:
     return " ".join(text.replace("\t", " ").split())
 
 
+def _float(s: str):
+    try:
+        return float(s)
+    except ValueError:
+        return None
+
+
 def extract_vader_sets(sdist: Path, dest: Path) -> Path:
     """The four rated sentence sets into one TSV: ``set<TAB>rating<TAB>text`` (file order)."""
     rows = []
@@ -133,8 +140,9 @@ def extract_vader_sets(sdist: Path, dest: Path) -> Path:
             for name, member in VADER_SETS.items():
                 for line in inner.extractfile(member).read().decode("utf-8").splitlines():
                     parts = line.rstrip("\r").split("\t")
-                    if len(parts) >= 3 and _clean("\t".join(parts[2:])):
-                        rows.append(f"{name}\t{float(parts[1])!r}\t{_clean(' '.join(parts[2:]))}")
+                    rating = _float(parts[1]) if len(parts) >= 3 else None
+                    if rating is not None and _clean(" ".join(parts[2:])):  # as gelora.data: skip bad lines
+                        rows.append(f"{name}\t{rating!r}\t{_clean(' '.join(parts[2:]))}")
     except (tarfile.TarError, KeyError, OSError, UnicodeDecodeError, AttributeError, ValueError) as exc:
         raise DataUnavailable(f"cannot read the VADER sentence sets from {sdist}: {exc!r}") from exc
     _write_atomic(dest, rows)
