@@ -8,8 +8,8 @@ but the first is kept) and predicts 128 validation examples. A pending cell then
 
 with the method factors of the single-task run (docs/e2e_results.md, full run, eager layers: head-only
 training took 43.3 s against 82.1 s for uniform LoRA, AdaLoRA 0.549 s against 0.536 s per step), and
-each preparation unit the seconds it took there at 1,000 sentences (ID profile 11.5 s, per-module 29.2 s,
-EVA's SVD 12.2 s), plus the paired bootstrap. Main cells of a task whose pilot has not run yet are
+each preparation unit the seconds a smoke run of the suite measured on SNLI at load 5.5 (block profile
+with the paired bootstrap 40 s, per-module profile 92 s, EVA's SVD 21 s). Main cells of a task whose pilot has not run yet are
 counted at the pilot's step count (an upper bound: the rule never picks more).
 """
 from __future__ import annotations
@@ -23,8 +23,9 @@ from .runner import SuiteConfig, decide, main_cells, pilot_cells, read_jsonl
 from .tasks import get_task
 
 STEP_FACTOR = {"head": 43.3 / 82.1, "adalora": 0.549 / 0.536}
-PREP_S = {"profile": 11.5 + 8.0, "profile_pm": 29.2 + 15.0, "eva": 12.2}  # + the paired bootstrap (guess)
-START_S = 15.0  # a fresh process (Python, torch, transformers, peft, the weights): ~5 s idle, ~20 s at load 4.5
+# measured on SNLI (1,000 pairs, paired bootstrap of 1,000 replicates), 1 thread, load average 5.5
+PREP_S = {"profile": 40.0, "profile_pm": 92.3, "eva": 21.3}
+START_S = 30.0  # a fresh process (Python, torch, transformers, peft, the weights): ~5 s idle, 20-80 s at load 4.5-6
 
 
 def measure(cfg: SuiteConfig, task_name: str, measure_steps: int = 6) -> Dict[str, float]:
