@@ -209,6 +209,9 @@ def test_decide_picks_the_lr_and_the_steps_on_validation(tmp_path):
     given = runner.decide(_cfg(tmp_path, tasks=("snli",), lr={"snli": 5e-4}, steps={"snli": 7}), "snli", [])
     assert given == {"lr": 5e-4, "steps": 7, "rule": "given"}
     assert runner.smooth([1.0, 2.0, 6.0]) == [1.5, 3.0, 4.0]
+    nan = [_pilot_rec(c, [float("nan")] * 10) for c in cells]
+    with pytest.raises(RuntimeError, match="every pilot curve diverged"):
+        runner.decide(cfg, "snli", nan)
 
 
 def _fake_job(calls):

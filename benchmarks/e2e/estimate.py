@@ -18,7 +18,7 @@ import statistics
 import time
 from typing import Any, Dict, List, Optional
 
-from .methods import get_method, prep_units
+from .methods import prep_units
 from .runner import SuiteConfig, decide, main_cells, pilot_cells, read_jsonl
 from .tasks import get_task
 

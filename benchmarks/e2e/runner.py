@@ -22,6 +22,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
-from .methods import METHODS, budget_rank, get_method, prep_units
+from .methods import METHODS, budget_rank, get_method
 from .tasks import TASKS, get_task
 
 HERE = Path(__file__).resolve().parent
@@ -206,6 +207,9 @@ def decide(cfg: SuiteConfig, task: str, records: List[Dict[str, Any]]) -> Option
         if best is None or peak > best[0]:
             best = (peak, r, sm)
     peak, rec, sm = best
+    if not math.isfinite(peak):
+        raise RuntimeError(f"{task}: every pilot curve diverged (no finite validation {metric}); "
+                           "pick smaller --pilot learning rates or give --lr and --steps")
     tol = cfg.tol.get(metric, 0.005)
     first = next(i for i, v in enumerate(sm) if v >= peak - tol)
     steps = rec["curve"][first]["step"]
