@@ -80,13 +80,13 @@ def adalora_schedule(steps: int, tinit: float = 0.1, tfinal: float = 0.25) -> Di
 
 
 def target_names(model) -> List[str]:
-    from gelora.profile import resolve_target_modules
+    from gelora.profiling.structure import resolve_target_modules
 
     return [t.name for t in resolve_target_modules(model, TARGETS)]
 
 
 def budget_params(model, rank: int) -> int:
-    from gelora.profile import resolve_target_modules
+    from gelora.profiling.structure import resolve_target_modules
 
     return rank * sum(t.params_per_rank for t in resolve_target_modules(model, TARGETS))
 
@@ -133,7 +133,7 @@ def run_prep(unit: str, budgets: Sequence[str], task, batches: List[Dict[str, An
     if unit == "eva":
         return _run_eva(model, names, budgets[0], batches, opts, eva_path)
     from gelora.peft_bridge import lora_config, rank_costs
-    from gelora.profile import profile_model
+    from gelora.profiling.driver import profile_model
     from gelora.ranks import allocate_ranks
 
     per_module = unit == "profile_pm"
