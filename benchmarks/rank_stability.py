@@ -23,9 +23,10 @@ and the share of entries whose rank differs by more than 1 between the two sampl
   (``twonn_rows`` against ``twonn`` on three layers of sample A, interleaved medians), plus the
   allocation's extra time, as a share of the profile's time without them (goal: <= 20%);
 * the same rules on the censored MLE (``estimator="mle_censored"``, refitted from the same ratios, as
-  ``profile_model(..., estimator="mle_censored")`` would give them), whose IDs move less between samples:
-  a few near-duplicate tokens (the same prefix in two sentences, rounded apart) have ratios of up to
-  1e7 and carry a fifth or more of the MLE's sum of log-ratios; the censored fit drops the largest 10%.
+  ``profile_model(..., estimator="mle_censored")`` would give them), which drops the largest 10% of the
+  ratios. Before the profiler kept one point per token context (``contexts="auto"``), near-duplicate
+  copies of one state (the same prefix in two sentences, rounded apart) had ratios of up to 1e7 and
+  made the MLE's IDs move between samples; ``--contexts none`` measures that behaviour again.
 
 Threads: 1 (``--threads``), set before torch starts its pools. Rows go to
 benchmarks/results/rank_stability.csv and a JSON with the ranks of both samples next to it.
@@ -189,7 +190,7 @@ def run_model(name: str, args, rows: list, cost_rows: list, calib_rows: list, ra
             t0 = time.perf_counter()
             prof = profile_model(model, texts, tokenizer=tok, seed=k, max_tokens=args.max_tokens, batch_size=32,
                                  paired_bootstrap=args.n_boot, modules=targets if per_module else None,
-                                 keep_samples=(k == 0), progress=False)
+                                 keep_samples=(k == 0), progress=False, contexts=args.contexts)
             wall = time.perf_counter() - t0
             print(f"  {label} {level} sample {'AB'[k]}: {wall:.1f} s {dict((k2, round(v, 2)) for k2, v in prof.timings.items())}",
                   flush=True)
@@ -249,6 +250,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-modules", dest="modules", action="store_false")
     ap.add_argument("--no-censored", dest="censored", action="store_false")
+    ap.add_argument("--contexts", default="auto", choices=["auto", "prefix", "sequence", "none"],
+                    help="profile_model(contexts=...): which tokens are one point (default auto)")
     ap.add_argument("--out", default=str(HERE / "results"))
     args = ap.parse_args()
     set_threads(args.threads)
