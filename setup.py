@@ -5,6 +5,7 @@ a GPU. When CMake or pybind11 is missing, or the build fails, the package still 
 ``import gelora`` falls back to the other backends; set ``GELORA_REQUIRE_EXT=1`` to turn that into an
 error (CI does), or ``GELORA_NO_EXT=1`` to skip the extension on purpose.
 """
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -23,8 +24,16 @@ class CMakeExtension(Extension):
         self.sourcedir = os.fspath(Path(sourcedir).resolve())
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+def _load_env():
+    """gelora/_env.py, the one reader of gelora's flags, loaded by path (it imports nothing of gelora, and
+    the package is not installed yet)."""
+    spec = importlib.util.spec_from_file_location("_gelora_env", ROOT / "gelora" / "_env.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+ENV = _load_env()
 
 
 class CMakeBuild(build_ext):
@@ -34,13 +43,13 @@ class CMakeBuild(build_ext):
         try:
             self._build(ext)
         except Exception as exc:  # noqa: BLE001 - any build failure degrades to the other backends
-            if _flag("GELORA_REQUIRE_EXT"):
+            if ENV.flag("GELORA_REQUIRE_EXT"):
                 raise
             print(f"warning: gelora C++ core not built ({exc}); the torch/FAISS/Triton backends remain",
                   file=sys.stderr)
 
     def _build(self, ext: CMakeExtension) -> None:
-        if _flag("GELORA_NO_EXT"):
+        if ENV.flag("GELORA_NO_EXT"):
             raise RuntimeError("GELORA_NO_EXT is set")
         cmake = shutil.which("cmake")
         if cmake is None:
@@ -49,14 +58,14 @@ class CMakeBuild(build_ext):
 
         ext_fullpath = Path.cwd() / self.get_ext_fullpath(ext.name)
         extdir = ext_fullpath.parent.resolve()
-        cfg = os.environ.get("GELORA_BUILD_TYPE", "Release")
+        cfg = ENV.text("GELORA_BUILD_TYPE", "Release")
         cmake_args = [
             f"-DCMAKE_LIBRARY_OUTPUT_DIRECTORY={extdir}{os.sep}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-DCMAKE_BUILD_TYPE={cfg}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
         ]
-        if _flag("GELORA_ASAN"):
+        if ENV.flag("GELORA_ASAN"):
             cmake_args.append("-DGELORA_ASAN=ON")
         if "CMAKE_ARGS" in os.environ:
             cmake_args += [a for a in os.environ["CMAKE_ARGS"].split(" ") if a]

@@ -3,7 +3,7 @@
 A module that needs a flag calls a function here; nothing else reads ``os.environ`` for ``GELORA_*`` or
 ``TRITON_INTERPRET``. Booleans accept ``1/true/yes/on/y`` and ``0/false/no/off/n/""`` (any case), as
 Triton does for ``TRITON_INTERPRET``; anything else is an error that names the variable. This module
-imports nothing of gelora (the kernels read it too).
+imports nothing of gelora (the kernels read it too, and setup.py loads it by path).
 
 | variable | meaning | default |
 |---|---|---|
@@ -12,6 +12,8 @@ imports nothing of gelora (the kernels read it too).
 | ``GELORA_CACHE`` | folder of fetched corpora and converted models | ``~/.cache/gelora`` |
 | ``GELORA_REQUIRE_EXT`` | a missing compiled core is an error (install, tests) instead of a skipped engine | off |
 | ``GELORA_NO_EXT`` | build and load no compiled core | off |
+| ``GELORA_BUILD_TYPE`` | CMake build type of the compiled core (read by setup.py) | ``Release`` |
+| ``GELORA_ASAN`` | build the compiled core with AddressSanitizer (read by setup.py) | off |
 | ``GELORA_TRITON_PRECISION`` | tile precision of the Triton kNN kernel (``fp16``, ``bf16``, ``tf32``, ``ieee``) | ``fp16`` |
 | ``GELORA_TRITON_CHUNK_ROWS`` | rows per chunk of the Triton kNN search | from free memory |
 | ``GELORA_TRITON_SYMMETRIC`` | compute each pair once in the Triton kNN kernel | on |
