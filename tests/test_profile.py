@@ -532,7 +532,10 @@ def test_gride_profile_paired_bootstrap_and_ranks():
     m = tiny_llama()
     batch = padded_batch(n=30, t=10, seed=7)
     res = profile_model(m, batch, estimator="gride", scale=2, max_tokens=150, batch_size=8, paired_bootstrap=60,
-                        modules=["q_proj", "o_proj"], progress=False)
+                        modules=["q_proj", "o_proj"], progress=False, estimate_every=2)
+    # background snapshots read at the order asked for; the last one saw the final sample
+    assert [h["batch"] for h in res.history] == [2, 4] and all(h["n1"] == 2 for h in res.history)
+    assert res.history[-1]["ids"] == res.ids
     p = res.paired
     assert p.estimator == "gride" and p.n1 == 2 and p.replicates.shape == (60, len(p.keys))
     assert torch.isfinite(p.replicates).all()

@@ -25,6 +25,14 @@ another. A replicate draws token indices; each layer uses the drawn tokens that 
 layer, as often as they were drawn. A distinct point thus enters a replicate as often as its first
 token was drawn (once on average), as it enters the point estimate once: the replicates are
 centred on the estimate of the distinct points, whatever the multiplicity of each.
+
+GRIDE
+-----
+:func:`paired_bootstrap_gride` does the same for GRIDE at one neighbour order n1 (the ratios
+``r_2n1 / r_n1`` of :func:`gelora.id.gride.gride_rows`): the same draws, and each replicate re-maximises
+every set's likelihood on the drawn ratios (a weighted Newton solve, started at the set's estimate).
+The outlier cut of :func:`gelora.gride` stays that of the full sample, as the neighbours do: the ratios
+it removed are ``NaN`` in the input. At n1 = 1 the replicates are those of the TwoNN MLE.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Layer-wise intrinsic-dimension profile of a transformers model.
 
 :func:`profile_model` runs a model over a text corpus (or pre-tokenised batches) and estimates, with
-:func:`gelora.twonn`, the intrinsic dimension (ID) of the hidden states entering and leaving every
-transformer block. Layer indices follow the ``output_hidden_states`` convention of transformers:
+:func:`gelora.twonn` (or :func:`gelora.gride` at one neighbour order, :mod:`gelora.profiling.scales`), the
+intrinsic dimension (ID) of the hidden states entering and leaving every transformer block. Layer indices follow the ``output_hidden_states`` convention of transformers:
 index 0 is the input of block 0 (the embeddings), index ``i + 1`` the output of block ``i``; a model
 with L blocks gives L + 1 IDs. (For decoders whose base model applies a final norm, transformers'
 last ``hidden_states`` entry is the *normed* output of the last block; the profile keeps the raw block

@@ -178,8 +178,9 @@ class ProfileResult:
         n_sequences: sequences run through the model.
         modules: per-module profiles by full module name (when ``modules=`` was given).
         timings: seconds: ``forward`` (batches through the model, hooks included), ``wait`` (for the
-            writer thread), ``estimate`` (final TwoNN), ``total``; ``tokens_per_s``.
-        history: with ``estimate_every``: ``{"batch", "n_seen", "ids"}`` snapshots taken in the background.
+            writer thread), ``estimate`` (final TwoNN or GRIDE), ``total``; ``tokens_per_s``.
+        history: with ``estimate_every``: ``{"batch", "n_seen", "ids"}`` snapshots taken in the background
+            (GRIDE: also ``"n1"``, the order of that snapshot's IDs).
         twonn: the full :class:`gelora.TwoNNResult` of each layer.
         samples: with ``keep_samples=True``, each layer's sampled points, (n_points, D) on the host in
             the storage dtype (row order is the sampler's slot order).
