@@ -575,6 +575,8 @@ def test_plateau_is_the_flattest_stretch_in_units_of_its_error():
     # a 0-dimensional layer (reported as 0 everywhere) does not vote
     zero = curve([0.0] * 6, [0.0] * 6, backend="none")
     assert plateau([a, zero]) == plateau([a])
+    # orders that another sample (a module's) does not reach are not candidates
+    assert plateau([a, b], n_orders=3) == (2, plateau([a, b])[1][:2])
 
 
 def test_gride_profile_bad_scale():

@@ -19,8 +19,9 @@ divided by ``sqrt(se[s]^2 + se[s + 1]^2)``; the plateau is the pair with the sma
 squared ratios over the layers, and the profile reads its IDs at the smaller order of that pair (the
 start of the plateau: the smallest neighbourhood past the noise, so the least curvature). The two
 errors are not independent (the ratios share their points), so this is a yardstick that makes orders
-with different errors comparable, not a test. Module samples are read at the layers' n1, so that the
-layer IDs do not depend on which modules were profiled.
+with different errors comparable, not a test. Module samples are read at the layers' n1 and do not
+vote, so that the layer IDs do not depend on which modules were profiled (only orders that every
+sample reaches are candidates).
 
 Bootstrap: the ratios at the chosen order, with the outlier cut of the full sample, in slot order
 (:func:`gelora.id.gride.gride_rows`); :func:`gelora.id.paired.paired_bootstrap_gride` re-maximises the
@@ -94,14 +95,15 @@ def estimate_set(x: torch.Tensor, device: torch.device, what: str, *, range_max:
     return res, None
 
 
-def plateau(curves: Sequence[GrideResult]) -> Tuple[int, List[float]]:
+def plateau(curves: Sequence[GrideResult], n_orders: Optional[int] = None) -> Tuple[int, List[float]]:
     """The neighbour order at the start of the flattest stretch of the curves (see the module docstring)
     and the score of every pair of consecutive orders (mean squared change in units of its error).
 
-    Only orders that every curve reaches count; 0-dimensional sets (backend ``"none"``) are left out.
+    Only orders that every curve reaches count (and at most the first ``n_orders``: those that other
+    samples read at the same order reach); 0-dimensional sets (backend ``"none"``) are left out.
     With a single common order (tiny samples) that order is returned and the scores are empty."""
     live = [c for c in curves if c.backend != "none"] or list(curves)
-    n_common = min(c.n1.numel() for c in live)
+    n_common = min([c.n1.numel() for c in live] + ([n_orders] if n_orders else []))
     if n_common < 2:
         return 1, []
     z2 = torch.zeros(n_common - 1, dtype=torch.float64)
@@ -157,8 +159,10 @@ def estimate_gride(samples: Dict[str, torch.Tensor], layer_keys: Sequence[str], 
     keys = list(samples)
     for k in (progress(keys) if progress is not None else keys):
         curves[k], ratios[k] = estimate_set(samples[k], device, names.get(k, k), range_max=range_max, backend=backend)
-    if scale is None:
-        n1, scores = plateau([curves[k] for k in layer_keys])
+    if scale is None:  # the layers' plateau, among the orders that every sample reaches
+        reach = min(c.n1.numel() for c in curves.values() if c.backend != "none") \
+            if any(c.backend != "none" for c in curves.values()) else None
+        n1, scores = plateau([curves[k] for k in layer_keys], reach)
         choice = "plateau"
     else:
         n1, scores, choice = int(scale), [], "given"
