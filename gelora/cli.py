@@ -104,16 +104,17 @@ def _plot(path: Path, prof: Any, alloc: Any, title: str) -> None:
     import matplotlib.ticker
 
     probs = list(getattr(alloc, "bound_probs", []) or [])
-    if probs:
-        fig, (ax1, ax2, ax3) = plt.subplots(3, 1, figsize=(8, 9), constrained_layout=True)
-    else:
-        fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6.5), constrained_layout=True)
+    curves = list(getattr(prof, "curves", []) or [])
+    n_axes = 2 + bool(probs) + bool(curves)
+    fig, axes = plt.subplots(n_axes, 1, figsize=(8, 3.25 * n_axes), constrained_layout=True)
+    ax1, ax2 = axes[0], axes[1]
     xs = list(range(len(prof.ids)))
     ax1.errorbar(xs, prof.ids, yerr=[1.96 * e for e in prof.stderr], fmt="o-", capsize=3, color="C0")
     ax1.set_xticks(xs)
     ax1.set_xticklabels(["emb"] + [str(i) for i in range(1, len(xs))])
     ax1.set_xlabel("layer (0 = embeddings, i = output of block i-1)")
-    ax1.set_ylabel("TwoNN ID (bars: 95% interval)")
+    ax1.set_ylabel(f"GRIDE ID at n1 = {prof.scale}" if curves else "TwoNN ID")
+    ax1.set_ylabel(ax1.get_ylabel() + " (bars: 95% interval)")
     ax1.set_title(title, fontsize=9)
     ax1.grid(alpha=0.3)
     xb = list(range(len(alloc.ranks)))
@@ -135,9 +136,33 @@ def _plot(path: Path, prof: Any, alloc: Any, title: str) -> None:
     ax2.legend(fontsize=8)
     ax2.grid(alpha=0.3, axis="y")
     if probs:
-        _plot_bound_probs(ax3, alloc, probs, ax2)
+        _plot_bound_probs(axes[2], alloc, probs, ax2)
+    if curves:
+        _plot_curves(axes[-1], prof)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_curves(ax: Any, prof: Any) -> None:
+    """GRIDE: the ID of every layer against the neighbour order n1 (95% bars), the profile's n1 marked."""
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("viridis")
+    n = len(prof.curves)
+    for i, c in enumerate(prof.curves):
+        ax.errorbar(c.n1, c.ids, yerr=[1.96 * e for e in c.stderr], fmt="o-", ms=3, capsize=2,
+                    color=cmap(i / max(n - 1, 1)), label="emb" if i == 0 else f"{i}")
+    ax.axvline(prof.scale, color="k", ls="--", lw=1,
+               label=f"n1 = {prof.scale} ({prof.scale_choice})")
+    ax.set_xscale("log", base=2)
+    n1s = sorted({v for c in prof.curves for v in c.n1})
+    ax.set_xticks(n1s)
+    ax.set_xticklabels([str(v) for v in n1s])
+    ax.set_xlabel("neighbour order n1 (GRIDE: ratio of the 2 n1-th to the n1-th neighbour distance)")
+    ax.set_ylabel("GRIDE ID (bars: 95%)")
+    ax.set_title("ID against scale, one curve per layer", fontsize=9)
+    ax.legend(fontsize=7, ncol=min(n + 1, 8), loc="best", title="layer", title_fontsize=7)
+    ax.grid(alpha=0.3)
 
 
 def _plot_bound_probs(ax: Any, alloc: Any, probs: list, like: Any) -> None:
@@ -208,6 +233,8 @@ def _check_profile_args(args: argparse.Namespace) -> None:
         raise CLIError(f"--paired-bootstrap must be 0 (none) or >= 2, got {args.paired_bootstrap}")
     if args.rule == "paired" and not args.paired_bootstrap:
         raise CLIError("--rule paired needs the paired bootstrap (--paired-bootstrap N with N >= 2)")
+    if args.estimator != "gride" and (args.scale is not None or args.range_max is not None):
+        raise CLIError("--scale and --range-max are GRIDE's neighbour orders: pass --estimator gride")
 
 
 def _read_corpus(args: argparse.Namespace) -> Any:
@@ -326,8 +353,13 @@ def _print_summary(run: _ProfileRun) -> None:
         print(f"budget  {alloc.budget:,} params, used {alloc.params:,}, leftover {alloc.leftover:,}")
     else:
         print(f"params  {alloc.params:,} trainable LoRA parameters")
+    if prof.scale is not None:
+        how = "given" if prof.scale_choice == "given" else "the plateau of the layer curves"
+        print(f"scale   GRIDE IDs at n1 = {prof.scale}, n2 = {2 * prof.scale} ({how}; curves up to "
+              f"n1 = {max(max(c.n1) for c in prof.curves)} in report.json)")
     print(f"time    {run.timings['total']:.1f} s (forward {prof.timings['forward']:.1f} s, "
-          f"TwoNN {prof.timings['estimate']:.1f} s, bootstrap {prof.timings['bootstrap']:.1f} s)")
+          f"{'GRIDE' if prof.scale is not None else 'TwoNN'} {prof.timings['estimate']:.1f} s, "
+          f"bootstrap {prof.timings['bootstrap']:.1f} s)")
     print(f"wrote   {', '.join(str(run.out / f) for f in run.files)}")
     if run.plot_note:
         print(f"note    {run.plot_note}")
@@ -361,7 +393,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         modules=(targets if targets is not None else "all-linear") if args.per_module else None,
         progress=not args.quiet, paired_bootstrap=args.paired_bootstrap, bootstrap_unit=args.bootstrap_unit,
-        estimator=args.estimator,
+        estimator=args.estimator, scale=args.scale,
+        range_max=64 if args.range_max is None else args.range_max,
     )
     t_alloc = time.perf_counter()
     alloc = allocate_ranks(prof, rule=args.rule, budget=budget, min_rank=args.min_rank, max_rank=args.max_rank,
@@ -421,8 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="points sampled per layer "
                     f"(default {DEFAULT_MAX_TOKENS})")
     pp.add_argument("--pooling", choices=["tokens", "mean", "cls", "last"], default="tokens")
-    pp.add_argument("--estimator", choices=["mle", "mle_censored", "linear"], default="mle",
-                    help="TwoNN estimator (default mle; mle_censored drops the largest 10%% of the ratios)")
+    pp.add_argument("--estimator", choices=["mle", "mle_censored", "linear", "gride"], default="mle",
+                    help="TwoNN estimator (default mle; mle_censored drops the largest 10%% of the ratios), or gride: "
+                    "GRIDE's ID at one neighbour order for every layer, its whole curve in report.json")
+    pp.add_argument("--scale", type=int, default=None, metavar="N1", help="gride: the neighbour order n1 of the IDs "
+                    "(a power of two; default: the plateau of the layer curves)")
+    pp.add_argument("--range-max", type=int, default=None, metavar="N2", help="gride: the largest n2 = 2 n1 of the "
+                    "curves (default 64)")
     pp.add_argument("--budget", default=None, help="trainable-parameter budget: a count, or rN for the "
                     "parameters of uniform rank N on the same modules (default: none, the plain GeLoRA ranks)")
     pp.add_argument("--target-modules", default=None, help="comma-separated module names (PEFT suffix "

@@ -50,7 +50,7 @@ def test_every_module_imports_first():
     import cycle (or an ``__init__`` that imports upwards) fails here."""
     mods = _modules()
     assert "gelora.neighbours.pipeline" in mods and "gelora.id.twonn" in mods and "gelora.kernels.knn_top2" in mods
-    assert {f"gelora.profiling.{m}" for m in ("structure", "contexts", "sampler", "hooks", "results", "driver")} <= set(mods)
+    assert {f"gelora.profiling.{m}" for m in ("structure", "contexts", "sampler", "hooks", "results", "scales", "driver")} <= set(mods)
     out = subprocess.run([sys.executable, "-c", _FIRST, *mods], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -109,6 +109,7 @@ _ALLOWED = {
     "gelora.profiling.sampler": ("gelora.profiling.contexts",),
     "gelora.profiling.results": ("gelora.id",),
     "gelora.profiling.hooks": ("gelora.profiling.contexts", "gelora.profiling.sampler", "gelora.profiling.structure"),
+    "gelora.profiling.scales": ("gelora.id",),
     "gelora.profiling.driver": ("gelora.id", "gelora.profiling"),
     "gelora.ranks": ("gelora.profiling.results",),
     "gelora.peft_bridge": ("gelora.ranks", "gelora.profiling.structure"),

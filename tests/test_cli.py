@@ -153,6 +153,38 @@ def test_profile_rules_and_the_bootstrap_switch(tiny_model_dir, texts_file, tmp_
         assert rc == 1 and msg in err and len(err.strip().splitlines()) == 1
 
 
+def test_profile_gride_keeps_the_curves(tiny_model_dir, texts_file, tmp_path, capsys):
+    base = ["profile", "--model", str(tiny_model_dir), "--data", str(texts_file), "--max-tokens", "200", "-q",
+            "--threads", "1", "--estimator", "gride"]
+    rc, stdout, err = run(base + ["--out", str(tmp_path / "g"), "--scale", "2", "--range-max", "32",
+                                  "--paired-bootstrap", "50", "--rule", "paired"], capsys)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "g" / "report.json").read_text())
+    prof = report["profile"]
+    assert prof["estimator"] == "gride" and prof["scale"]["n1"] == 2 and prof["scale"]["choice"] == "given"
+    assert prof["scale"]["range_max"] == 32 and prof["paired_bootstrap"]["n1"] == 2
+    curves = prof["curves"]
+    assert len(curves) == 4 and prof["n_fixed"] == [-1] * 4
+    for c, d, e in zip(curves, prof["ids"], prof["stderr"]):
+        assert set(c) == {"n1", "ids", "stderr", "scales"} and c["n1"][:5] == [1, 2, 4, 8, 16]
+        assert len(c["ids"]) == len(c["stderr"]) == len(c["scales"]) == len(c["n1"])
+        assert c["ids"][1] == d and c["stderr"][1] == e  # the IDs are the curve's at n1 = 2
+    assert "GRIDE IDs at n1 = 2, n2 = 4 (given" in stdout
+    assert report["allocation"]["rule"] == "paired" and len(report["allocation"]["delta_stderr"]) == 3
+    assert (tmp_path / "g" / "profile.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the default: the plateau, one n1 for every layer
+    rc, stdout, err = run(base + ["--out", str(tmp_path / "p"), "--paired-bootstrap", "0"], capsys)
+    assert rc == 0, err
+    prof = json.loads((tmp_path / "p" / "report.json").read_text())["profile"]
+    assert prof["scale"]["choice"] == "plateau" and len(prof["scale"]["plateau_scores"]) >= 1
+    at = prof["curves"][0]["n1"].index(prof["scale"]["n1"])
+    assert prof["ids"] == [c["ids"][at] for c in prof["curves"]]
+    for extra, msg in ((["--scale", "3"], "power of two"), (["--scale", "64"], "beyond the curve"),
+                       (["--estimator", "mle", "--scale", "2"], "pass --estimator gride")):
+        rc, _, err = run(base + ["--out", str(tmp_path / "c")] + extra, capsys)
+        _one_line_error(rc, err, msg)
+
+
 def test_noise_warning_is_one_line():
     from gelora.cli import _noise_warning
     from gelora.ranks import allocate_ranks

@@ -5,8 +5,10 @@ import pytest
 import torch
 
 from conftest import subspace_points
-from gelora import knn_reference, twonn
-from gelora.id.paired import bootstrap_stderr, paired_bootstrap, paired_bootstrap_reference, twonn_rows
+from gelora import gride, knn_reference, twonn
+from gelora.id.gride import gride_rows, solve_scores
+from gelora.id.paired import (bootstrap_stderr, paired_bootstrap, paired_bootstrap_gride, paired_bootstrap_reference,
+                              twonn_rows)
 
 ESTIMATORS = ("mle", "mle_censored", "linear")
 
@@ -144,3 +146,70 @@ def test_bootstrap_bad_input():
         paired_bootstrap(lm, groups=torch.zeros(29, dtype=torch.long))
     with pytest.raises(ValueError, match="groups"):
         paired_bootstrap(lm, groups=torch.zeros(30))
+
+
+# --- GRIDE: row-aligned ratios and the paired bootstrap at one neighbour order ---------------------
+def test_gride_rows_match_gride_and_its_cut():
+    x = subspace_points(n=500, d=5, D=24, seed=11)
+    x = torch.cat([x, x[:4]])  # rows 500..503 copy 0..3
+    res, lm = gride_rows(x, range_max=32)
+    ref = gride(x, range_max=32)
+    assert torch.equal(res.ids, ref.ids) and torch.equal(res.stderr, ref.stderr) and res.n_duplicates == 4
+    assert lm.shape == (504, 5) and torch.isnan(lm[500:]).all()
+    # exactly the ratios that entered the estimate: the others are the outlier cut's
+    assert (~torch.isnan(lm)).sum(0).tolist() == ref.n_used.tolist()
+    kept = torch.log(ref.mu[:500])
+    assert torch.equal(lm[:500][~torch.isnan(lm[:500])], kept[~torch.isnan(lm[:500])])
+    # re-solving on the kept ratios gives the estimate (what a replicate that draws every point once does)
+    for s in range(5):
+        v = lm[:, s][~torch.isnan(lm[:, s])]
+        d = solve_scores(v[:, None], torch.ones(v.numel(), 1, dtype=torch.float64), torch.tensor([2 ** s]))
+        assert float(d[0]) == pytest.approx(float(ref.ids[s]), rel=1e-13)
+    with pytest.raises(ValueError, match=r"\(N, D\)"):
+        gride_rows(x[None])
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_gride_bootstrap_equals_the_reference(grouped):
+    x = subspace_points(n=300, d=4, D=12, seed=12)
+    _, lm = gride_rows(x, range_max=16)
+    lm2 = torch.stack([lm[:, 2], lm[:, 2] * 1.5])  # n1 = 4, and a set of 2/3 the ID
+    lm2[1, :3] = float("nan")
+    groups = torch.randint(0, 40, (300,), generator=torch.Generator().manual_seed(4)) if grouped else None
+    fast = paired_bootstrap_gride(lm2, 4, n_boot=30, seed=5, groups=groups, start=[4.0, 2.7])
+    ref = paired_bootstrap_reference(lm2, n_boot=30, seed=5, estimator="gride", n1=4, groups=groups)
+    assert fast.shape == (30, 2) and torch.isfinite(fast).all()
+    assert torch.allclose(fast, ref, rtol=1e-12, atol=0)
+    # the same draws as the TwoNN bootstrap's (a profile's replicates pair across estimators too)
+    assert not torch.allclose(fast[:, 0], fast[:, 1] * 1.5)  # GRIDE is not linear in the ratios
+
+
+def test_gride_bootstrap_error_matches_the_analytic_one():
+    x = subspace_points(n=3000, d=6, D=30, seed=13)
+    res, lm = gride_rows(x, range_max=16)
+    rep = paired_bootstrap_gride(lm[:, 2][None], 4, n_boot=300, seed=0, start=[float(res.ids[2])])
+    assert abs(float(rep.mean()) - float(res.ids[2])) < 0.25 * float(res.stderr[2])
+    assert float(bootstrap_stderr(rep)[0]) == pytest.approx(float(res.stderr[2]), rel=0.2)
+
+
+def test_gride_bootstrap_bad_input_and_empty_sets():
+    lm = _exp_log_mu([4.0, 5.0], 50)
+    lm[1] = float("nan")
+    rep = paired_bootstrap_gride(lm, 2, n_boot=10)
+    assert torch.isnan(rep[:, 1]).all() and torch.isfinite(rep[:, 0]).all()
+    with pytest.raises(ValueError, match="n1 must be an integer"):
+        paired_bootstrap_gride(lm, 0, n_boot=10)
+    with pytest.raises(ValueError, match="start has 1 entries for 2 sets"):
+        paired_bootstrap_gride(lm, 2, n_boot=10, start=[1.0])
+    with pytest.raises(ValueError, match="needs n1"):
+        paired_bootstrap_reference(lm, n_boot=10, estimator="gride")
+
+
+def test_gride_bootstrap_at_n1_1_is_the_twonn_mle_bootstrap():
+    # at n1 = 1 GRIDE's score is (n - 1) / d - sum(l): TwoNN's MLE, replicate by replicate
+    lm = _exp_log_mu([5.0, 8.0], 200, seed=14)
+    lm[1, :4] = float("nan")
+    groups = torch.arange(200) // 4
+    a = paired_bootstrap_gride(lm, 1, n_boot=40, seed=3, groups=groups)
+    b = paired_bootstrap(lm, n_boot=40, seed=3, groups=groups)
+    assert torch.allclose(a, b, rtol=1e-12, atol=0)

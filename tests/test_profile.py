@@ -480,6 +480,121 @@ def test_background_estimates_overlap_the_forward_passes(monkeypatch):
     assert [h["batch"] for h in res.history] == [2, 4, 6, 8]
 
 
+# ---------------------------------------------------------------------------------------------------
+# GRIDE: one neighbour order for every layer, the curves kept
+# ---------------------------------------------------------------------------------------------------
+def _plateau_by_hand(curves):
+    """The documented rule, written out: the smaller order of the consecutive pair with the smallest
+    mean over the layers of (change / sqrt(se_a^2 + se_b^2))^2, over the orders every layer reaches."""
+    n = min(len(c.n1) for c in curves)
+    if n < 2:
+        return curves[0].n1[0]
+    scores = [sum((c.ids[s + 1] - c.ids[s]) ** 2 / (c.stderr[s] ** 2 + c.stderr[s + 1] ** 2) for c in curves)
+              / len(curves) for s in range(n - 1)]
+    return curves[0].n1[scores.index(min(scores))]
+
+
+def test_gride_profile_ids_are_gride_of_the_samples():
+    import gelora
+
+    m = tiny_llama()
+    batch = padded_batch(n=40, t=11, seed=7)
+    kw = dict(max_tokens=300, batch_size=8, keep_samples=True, progress=False, paired_bootstrap=0)
+    res = profile_model(m, batch, estimator="gride", modules=["q_proj", "o_proj"], **kw)
+    assert res.estimator == "gride" and res.scale_choice == "plateau" and res.range_max == 64
+    assert res.scale == _plateau_by_hand(res.curves) and res.n_fixed == [-1] * 4 and res.twonn == []
+    for i, x in enumerate(res.samples):
+        ref = gelora.gride(x)
+        assert res.ids[i] == ref.id_at(res.scale)
+        assert res.curves[i].ids == ref.ids.tolist() and res.curves[i].n1 == ref.n1.tolist()
+        assert res.curves[i].stderr == ref.stderr.tolist() and res.curves[i].scales == ref.scales.tolist()
+        assert res.stderr[i] == res.curves[i].stderr[res.curves[i].index(res.scale)]
+    # modules are read at the layers' order
+    for mp in res.modules.values():
+        assert mp.curve_in is not None and mp.curve_out is not None
+        assert mp.id_in == mp.curve_in.ids[mp.curve_in.index(res.scale)]
+        assert mp.id_out == mp.curve_out.ids[mp.curve_out.index(res.scale)]
+    d = res.to_dict()
+    assert d["scale"]["n1"] == res.scale and len(d["curves"]) == 4 and d["curves"][2]["ids"] == res.curves[2].ids
+    assert d["modules"]["model.layers.0.self_attn.o_proj"]["curve_out"]["n1"][0] == 1
+    # a given order: the same samples, every ID at n1 = 4
+    at4 = profile_model(m, batch, estimator="gride", scale=4, **kw)
+    assert at4.scale == 4 and at4.scale_choice == "given"
+    assert at4.ids == [gelora.gride(x).id_at(4) for x in at4.samples]
+    # TwoNN profiles have no scale
+    plain = profile_model(m, batch, **kw)
+    assert plain.scale is None and plain.curves == [] and plain.to_dict()["curves"] is None
+
+
+def test_gride_profile_paired_bootstrap_and_ranks():
+    from gelora.ranks import allocate_ranks
+
+    m = tiny_llama()
+    batch = padded_batch(n=30, t=10, seed=7)
+    res = profile_model(m, batch, estimator="gride", scale=2, max_tokens=150, batch_size=8, paired_bootstrap=60,
+                        modules=["q_proj", "o_proj"], progress=False, estimate_every=2)
+    # background snapshots read at the order asked for; the last one saw the final sample
+    assert [h["batch"] for h in res.history] == [2, 4] and all(h["n1"] == 2 for h in res.history)
+    assert res.history[-1]["ids"] == res.ids
+    p = res.paired
+    assert p.estimator == "gride" and p.n1 == 2 and p.replicates.shape == (60, len(p.keys))
+    assert torch.isfinite(p.replicates).all()
+    reps, se = p.columns(p.keys[:4]), torch.tensor(p.stderr(p.keys[:4]))
+    assert ((reps.mean(0) - torch.tensor(res.ids)).abs() < 3 * se).all()
+    # the same draws as a TwoNN profile of the same data (one seed, one slot order)
+    assert torch.equal(p.groups, profile_model(m, batch, max_tokens=150, batch_size=8, paired_bootstrap=60,
+                                               progress=False).paired.groups)
+    for rule in ("gelora", "paired"):
+        alloc = allocate_ranks(res, rule=rule)
+        assert len(alloc.ranks) == 3 and alloc.n_boot == 60
+        assert alloc.deltas == pytest.approx([res.ids[i + 1] - res.ids[i] for i in range(3)], abs=1e-12)
+    assert len(allocate_ranks(res, per_module=True).ranks) == 6
+
+
+def test_plateau_is_the_flattest_stretch_in_units_of_its_error():
+    from gelora import GrideResult
+    from gelora.profiling.scales import plateau
+
+    def curve(ids, se, backend="cpp"):
+        n = len(ids)
+        t = torch.tensor
+        return GrideResult(ids=t(ids, dtype=torch.float64), stderr=t(se, dtype=torch.float64),
+                           scales=torch.ones(n, dtype=torch.float64), n1=2 ** torch.arange(n),
+                           n_used=torch.ones(n, dtype=torch.long), n_zero=torch.zeros(n, dtype=torch.long),
+                           n_points=100, n_duplicates=0, backend=backend, range_max=2 ** n)
+
+    # noise at small orders, curvature at large ones: flat between n1 = 4 and 8 in both layers
+    a = curve([12.0, 8.0, 6.1, 6.0, 7.5, 9.0], [0.3, 0.2, 0.1, 0.1, 0.1, 0.1])
+    b = curve([20.0, 15.0, 11.0, 10.9, 10.0], [0.5, 0.4, 0.2, 0.2, 0.2])  # shorter: 4 common pairs
+    n1, scores = plateau([a, b])
+    assert n1 == 4 and len(scores) == 4
+    assert scores[2] == pytest.approx(((0.1 ** 2 / 0.02) + (0.1 ** 2 / 0.08)) / 2)
+    # a change counts less where the errors are larger: the smallest absolute change (0.1) would give n1 = 2
+    c = curve([10.0, 9.0, 8.9, 8.6], [3.0, 0.01, 0.01, 0.01])
+    assert plateau([c])[0] == 1
+    # a 0-dimensional layer (reported as 0 everywhere) does not vote
+    zero = curve([0.0] * 6, [0.0] * 6, backend="none")
+    assert plateau([a, zero]) == plateau([a])
+    # orders that another sample (a module's) does not reach are not candidates
+    assert plateau([a, b], n_orders=3) == (2, plateau([a, b])[1][:2])
+
+
+def test_gride_profile_bad_scale():
+    m = tiny_bert()
+    b = padded_batch(n=8)
+    for kw, msg in ((dict(scale=3), "power of two"), (dict(scale=0), "power of two"),
+                    (dict(scale=2.0), "power of two"), (dict(scale=64), "beyond the curve"),
+                    (dict(scale=8, range_max=8), "beyond the curve"), (dict(range_max=1), "range_max"),
+                    (dict(bootstrap=10), "paired bootstrap")):
+        with pytest.raises(ValueError, match=msg):
+            profile_model(m, b, estimator="gride", progress=False, **kw)
+    with pytest.raises(ValueError, match="estimator='gride'"):
+        profile_model(m, b, scale=2, progress=False)
+    # a sample too small to reach the order asked for: found after the forward passes, named
+    with pytest.raises(ValueError, match=r"layer 0: scale n1=8 is beyond its curve \(n1 up to 4"):
+        profile_model(m, b, estimator="gride", scale=8, max_tokens=9, paired_bootstrap=0, progress=False)
+
+
 def test_bad_inputs():
     m = tiny_bert()
     b = padded_batch(n=4)

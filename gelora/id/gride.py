@@ -114,14 +114,45 @@ def gride(
             a scale with fewer than 2 usable ratios or all of them tied.
         gelora.BackendUnavailable: a forced backend cannot run on this input.
     """
+    return _gride(x, range_max=range_max, dedup=dedup, backend=backend, mask=mask)[0]
+
+
+def gride_rows(x: torch.Tensor, *, range_max: int = 64, backend: Optional[str] = None):
+    """:func:`gride` of the rows of ``x`` (duplicates collapsed) and the ratio of every row at every scale,
+    in row order, for a bootstrap over points that several sets share (:mod:`gelora.id.paired`).
+
+    Args:
+        x: (N, D) float tensor, any device a backend supports. range_max, backend: as for :func:`gride`.
+
+    Returns:
+        (result, log_mu): ``result`` as :func:`gride` gives it on ``x``; ``log_mu`` (N, S) float64 on the
+        CPU, ``log(r_n2 / r_n1)`` of row j at scale s where that ratio entered the likelihood
+        maximisation, ``NaN`` where it did not: a later copy of an earlier row, or a ratio above the
+        outlier cut (the replicates of a bootstrap keep the cut of the full sample).
+
+    Raises:
+        ValueError: as :func:`gride`; ``x`` not (N, D).
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be an (N, D) tensor, got {getattr(x, 'shape', type(x))}")
+    out, found, res = _gride(x, range_max=range_max, dedup=True, backend=backend, mask=None)
+    lm = torch.full((x.shape[0], out.n1.numel()), float("nan"), dtype=torch.float64)
+    used = res["used"]
+    lm[found.keep.cpu()] = torch.where(used, torch.log(torch.where(used, res["mu"], 1.0)), float("nan"))
+    return out, lm
+
+
+def _gride(x: ArrayLike, *, range_max: int, dedup: bool, backend: Optional[str], mask: Optional[ArrayLike]):
+    """``(GrideResult, KNeighbours, the dict of gride_from_distances)`` of :func:`gride`."""
     range_max = check_int(range_max, "range_max", 2)
     found = search_k(x, lambda m: 1 << (min(range_max, m - 1).bit_length() - 1), dedup=dedup,
                      backend=backend, mask=mask, what="gride")
     res = gride_from_distances(found.dist, dedup=dedup)
-    return GrideResult(ids=res["ids"], stderr=res["stderr"], scales=res["scales"] / found.scale,
-                       n1=res["n1"], n_used=res["n_used"], n_zero=res["n_zero"], n_points=found.n_points,
-                       n_duplicates=found.n_duplicates, backend=found.backend, range_max=range_max,
-                       mu=res["mu"])
+    out = GrideResult(ids=res["ids"], stderr=res["stderr"], scales=res["scales"] / found.scale,
+                      n1=res["n1"], n_used=res["n_used"], n_zero=res["n_zero"], n_points=found.n_points,
+                      n_duplicates=found.n_duplicates, backend=found.backend, range_max=range_max,
+                      mu=res["mu"])
+    return out, found, res
 
 
 
@@ -138,7 +169,8 @@ def gride_from_distances(dist: torch.Tensor, *, dedup: bool = True) -> dict:
 
     Returns:
         dict of (S,) CPU tensors ``ids``, ``stderr``, ``scales`` (in the units of ``dist``), ``n1``,
-        ``n_used``, ``n_zero``, and ``mu`` (M, S) float64 (NaN where ``r_n1 = 0``).
+        ``n_used``, ``n_zero``, ``mu`` (M, S) float64 (NaN where ``r_n1 = 0``) and ``used`` (M, S) bool
+        (the ratios in the likelihood maximisation: ``r_n1 > 0`` and below the outlier cut).
     """
     m, k = dist.shape
     if k < 2:
@@ -166,7 +198,7 @@ def gride_from_distances(dist: torch.Tensor, *, dedup: bool = True) -> dict:
     info = cnt / ids**2 + (n1 - 1) * _curvature(log_mu, ok, ids).sum(0)
     scales = torch.where(ok, r1 + r2, 0.0).sum(0) / (2 * cnt)
     return dict(ids=ids.cpu(), stderr=info.rsqrt().cpu(), scales=scales.cpu(), n1=n1.cpu(),
-                n_used=used.sum(0).cpu(), n_zero=n_zero.cpu(), mu=mu.cpu())
+                n_used=used.sum(0).cpu(), n_zero=n_zero.cpu(), mu=mu.cpu(), used=used.cpu())
 
 
 def _percentiles(v: torch.Tensor, cnt: torch.Tensor, qs) -> list:
@@ -193,38 +225,46 @@ def _inverse_term(log_mu: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def _curvature(log_mu: torch.Tensor, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-    """``w * l^2 mu^-d / (1 - mu^-d)^2 = w * (l / (2 sinh(d l / 2)))^2`` (limit ``1/d^2`` at l = 0)."""
+    """``w * l^2 mu^-d / (1 - mu^-d)^2 = w * (l / (2 sinh(d l / 2)))^2`` (limit ``1/d^2`` at l = 0);
+    ``w`` boolean (where to count) or float64 counts."""
     x = d * log_mu
     pos = log_mu > 0
     v = torch.where(pos, (log_mu / (2 * torch.sinh(torch.where(pos, x, 1.0) / 2))) ** 2, 1 / d**2)
-    return torch.where(w, v, 0.0)
+    return torch.where(w, v, 0.0) if w.dtype == torch.bool else w * v
 
 
-def solve_scores(log_mu: torch.Tensor, used: torch.Tensor, n1: torch.Tensor, max_iter: int = 100):
+def solve_scores(log_mu: torch.Tensor, used: torch.Tensor, n1: torch.Tensor, max_iter: int = 100,
+                 start: Optional[torch.Tensor] = None):
     """(S,) roots of the GRIDE scores of the columns of ``log_mu`` (M, S) float64, entries where
     ``used`` (M, S) is False set to 0 and ignored; neighbour orders ``n1`` (S,), ``n2 = 2 n1``.
+    ``used`` may also be float64 counts (ratio ``[j, s]`` counted ``used[j, s]`` times: a bootstrap
+    replicate, :func:`gelora.id.paired.paired_bootstrap_gride`); ``log_mu`` may then be a broadcast view.
 
     A safeguarded Newton iteration inside the bracket of the module docstring: g is convex and
     decreasing, so Newton from the lower end climbs monotonically to the root; a step that leaves the
     current bracket (rounding near the root) is replaced by bisection. Stops when every step is below
-    4 ulp of the root.
+    4 ulp of the root. ``start`` (S,): where to start instead of the lower end (clamped into the bracket),
+    e.g. the estimate of the full sample for its bootstrap replicates.
 
     Raises:
         ValueError: a column with all its ratios equal to 1 (no root: the ID is unbounded).
     """
+    weighted = used.dtype != torch.bool
     n = used.sum(0).to(torch.float64)
     a = (n1 - 1).to(torch.float64)  # n2 - n1 - 1
-    total = log_mu.sum(0)
+    total = (log_mu * used).sum(0) if weighted else log_mu.sum(0)
     if bool((total <= 0).any()):
         bad = n1[total <= 0].tolist()
         raise ValueError(f"gride: every ratio r_n2 / r_n1 is 1 at n1 = {bad} (tied neighbours): "
                          "the likelihood has no maximum")
     c = n - 1 + a * n
     lo, hi = c / ((2 * n1 - 1) * total), c / (n1 * total)
-    d = lo.clone()
+    d = lo.clone() if start is None else torch.minimum(torch.maximum(start.to(lo), lo), hi)
     eps = torch.finfo(torch.float64).eps
     for _ in range(max_iter):
-        g = (n - 1) / d + a * torch.where(used, _inverse_term(log_mu, d), 0.0).sum(0) - (2 * n1 - 1) * total
+        inv = _inverse_term(log_mu, d)
+        inv = inv * used if weighted else torch.where(used, inv, 0.0)
+        g = (n - 1) / d + a * inv.sum(0) - (2 * n1 - 1) * total
         gp = -(n - 1) / d**2 - a * _curvature(log_mu, used, d).sum(0)
         lo = torch.where(g >= 0, d, lo)
         hi = torch.where(g <= 0, d, hi)

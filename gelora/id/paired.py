@@ -25,6 +25,14 @@ another. A replicate draws token indices; each layer uses the drawn tokens that 
 layer, as often as they were drawn. A distinct point thus enters a replicate as often as its first
 token was drawn (once on average), as it enters the point estimate once: the replicates are
 centred on the estimate of the distinct points, whatever the multiplicity of each.
+
+GRIDE
+-----
+:func:`paired_bootstrap_gride` does the same for GRIDE at one neighbour order n1 (the ratios
+``r_2n1 / r_n1`` of :func:`gelora.id.gride.gride_rows`): the same draws, and each replicate re-maximises
+every set's likelihood on the drawn ratios (a weighted Newton solve, started at the set's estimate).
+The outlier cut of :func:`gelora.gride` stays that of the full sample, as the neighbours do: the ratios
+it removed are ``NaN`` in the input. At n1 = 1 the replicates are those of the TwoNN MLE.
 """
 from __future__ import annotations
 
@@ -226,6 +234,67 @@ def paired_bootstrap(
     return torch.cat(out)
 
 
+def paired_bootstrap_gride(
+    log_mu: torch.Tensor,
+    n1: int,
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    groups: Optional[torch.Tensor] = None,
+    start: Optional[Sequence[float]] = None,
+) -> torch.Tensor:
+    """Bootstrap replicates of the GRIDE IDs (:func:`gelora.gride`) of K point sets that share their N
+    points, at one neighbour order ``n1`` (``n2 = 2 n1``).
+
+    The draws are those of :func:`paired_bootstrap` (the same seed and groups draw the same points);
+    each replicate re-maximises every set's GRIDE likelihood on the ratios of the drawn points, a point
+    drawn k times counting k times. The neighbours are not searched again, and the outlier cut stays that
+    of the full sample (``log_mu`` holds only the ratios that entered its estimate, see
+    :func:`gelora.id.gride.gride_rows`), so a replicate that draws every point once gives the estimate.
+
+    Args:
+        log_mu: (K, N) float ``log(r_n2 / r_n1)`` at this ``n1`` of each point in each set, aligned by
+            point, ``NaN`` where a set has no (kept) ratio for the point.
+        n1: the neighbour order (an int >= 1).
+        n_boot, seed, groups: as for :func:`paired_bootstrap`.
+        start: optional (K,) estimates of the full sets, where each replicate's Newton iteration starts.
+
+    Returns:
+        (n_boot, K) float64 replicate IDs; ``NaN`` where a replicate drew fewer than 3 points with a
+        ratio in a set (or only ratios of 1).
+
+    Raises:
+        ValueError: as :func:`paired_bootstrap`; ``n1`` not an int >= 1, a ``start`` of the wrong length.
+    """
+    from .gride import solve_scores
+
+    lm = _check(log_mu, n_boot, "mle", 0.0)
+    k, n = lm.shape
+    g = _check_groups(groups, n)
+    if isinstance(n1, bool) or not isinstance(n1, int) or n1 < 1:
+        raise ValueError(f"n1 must be an integer >= 1, got {n1!r}")
+    if start is not None and len(start) != k:
+        raise ValueError(f"start has {len(start)} entries for {k} sets")
+    valid = ~torch.isnan(lm)
+    cols = [(torch.nonzero(valid[j]).flatten(), lm[j, valid[j]]) for j in range(k)]
+    out = []
+    for w, _, _ in _weights(n_boot, n, seed, g):
+        b = w.shape[0]
+        reps = torch.full((b, k), float("nan"), dtype=torch.float64)
+        orders = torch.full((b,), n1, dtype=torch.int64)
+        for j, (idx, lj) in enumerate(cols):
+            wj = w[:, idx].T.contiguous()  # (m, b) counts
+            ok = (wj.sum(0) >= 3) & ((wj * lj[:, None]).sum(0) > 0)
+            if not bool(ok.any()):
+                continue
+            wj = torch.where(ok, wj, 1.0)  # solvable stand-ins for the columns reported as NaN
+            s0 = None if start is None else torch.full((b,), float(start[j]), dtype=torch.float64)
+            d = solve_scores(lj[:, None].expand(-1, b), wj, orders, start=s0)
+            reps[:, j] = torch.where(ok, d, float("nan"))
+        out.append(reps)
+    return torch.cat(out)
+
+
 def paired_bootstrap_reference(
     log_mu: torch.Tensor,
     *,
@@ -234,10 +303,18 @@ def paired_bootstrap_reference(
     estimator: str = "mle",
     discard_fraction: float = 0.1,
     groups: Optional[torch.Tensor] = None,
+    n1: Optional[int] = None,
 ) -> torch.Tensor:
     """:func:`paired_bootstrap` one replicate and one set at a time: the drawn points listed with their
-    repeats and passed to :func:`gelora.twonn.id_from_distances` (the same draws; slow, for tests)."""
-    lm = _check(log_mu, n_boot, estimator, discard_fraction)
+    repeats and passed to :func:`gelora.twonn.id_from_distances` (the same draws; slow, for tests).
+    With ``estimator="gride"`` and ``n1``: :func:`paired_bootstrap_gride`'s, the listed ratios passed to
+    :func:`gelora.id.gride.solve_scores` unweighted."""
+    from .gride import solve_scores
+
+    gride = estimator == "gride"
+    if gride and n1 is None:
+        raise ValueError("estimator='gride' needs n1")
+    lm = _check(log_mu, n_boot, "mle" if gride else estimator, discard_fraction)
     k, n = lm.shape
     g = _check_groups(groups, n)
     rows = []
@@ -249,8 +326,12 @@ def paired_bootstrap_reference(
             for j in range(k):
                 v = lm[j][d]
                 v = v[~torch.isnan(v)]
-                if v.numel() < 3:
+                if v.numel() < 3 or (gride and float(v.sum()) <= 0):
                     row.append(float("nan"))
+                    continue
+                if gride:
+                    ones = torch.ones(v.numel(), 1, dtype=torch.bool)
+                    row.append(float(solve_scores(v[:, None], ones, torch.tensor([int(n1)]))[0]))
                     continue
                 dist = torch.stack([torch.ones_like(v), torch.exp(v)], dim=1)
                 try:

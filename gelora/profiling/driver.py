@@ -1,8 +1,8 @@
 """Layer-wise intrinsic-dimension profile of a transformers model.
 
 :func:`profile_model` runs a model over a text corpus (or pre-tokenised batches) and estimates, with
-:func:`gelora.twonn`, the intrinsic dimension (ID) of the hidden states entering and leaving every
-transformer block. Layer indices follow the ``output_hidden_states`` convention of transformers:
+:func:`gelora.twonn` (or :func:`gelora.gride` at one neighbour order, :mod:`gelora.profiling.scales`), the
+intrinsic dimension (ID) of the hidden states entering and leaving every transformer block. Layer indices follow the ``output_hidden_states`` convention of transformers:
 index 0 is the input of block 0 (the embeddings), index ``i + 1`` the output of block ``i``; a model
 with L blocks gives L + 1 IDs. (For decoders whose base model applies a final norm, transformers'
 last ``hidden_states`` entry is the *normed* output of the last block; the profile keeps the raw block
@@ -62,7 +62,8 @@ from ..id.paired import twonn_rows
 from ..id.twonn import twonn
 from .contexts import CONTEXTS, is_causal, token_keys
 from .hooks import POOLINGS, BatchSelection, Profiler
-from .results import BOOTSTRAP_UNITS, ModuleProfile, PairedBootstrap, ProfileResult
+from .results import BOOTSTRAP_UNITS, ModuleProfile, PairedBootstrap, ProfileResult, ScaleCurve
+from .scales import GRIDE, GrideProfile, check_scale, estimate_gride
 from .sampler import make_batches
 from .structure import TargetSpec, find_blocks, input_device, resolve_target_modules
 
@@ -94,14 +95,19 @@ def _estimate(x: torch.Tensor, device: torch.device, what: str, rows: bool = Fal
 
 
 def _check_arguments(*, pooling: str, max_tokens: Any, estimator: str, estimate_every: int, paired_bootstrap: Any,
-                     bootstrap_unit: str, store_dtype: Optional[torch.dtype], contexts: str) -> None:
+                     bootstrap_unit: str, store_dtype: Optional[torch.dtype], contexts: str, scale: Any,
+                     range_max: Any, bootstrap: int) -> None:
     """Raises ValueError for an argument of :func:`profile_model` out of its range."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if not isinstance(max_tokens, int) or max_tokens < 3:
         raise ValueError(f"max_tokens must be an integer >= 3, got {max_tokens!r}")
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if estimator not in ESTIMATORS + (GRIDE,):
+        raise ValueError(f"estimator must be one of {ESTIMATORS + (GRIDE,)}, got {estimator!r}")
+    check_scale(scale, range_max, estimator)
+    if estimator == GRIDE and bootstrap:
+        raise ValueError(f"bootstrap={bootstrap} is TwoNN's own bootstrap; a GRIDE profile's errors come from "
+                         "the paired bootstrap (paired_bootstrap=N)")
     if estimate_every < 0:
         raise ValueError(f"estimate_every must be >= 0, got {estimate_every}")
     if isinstance(paired_bootstrap, bool) or not isinstance(paired_bootstrap, int) or paired_bootstrap < 0 \
@@ -155,6 +161,9 @@ class _Run:
     est_kw: Dict[str, Any]
     #: context keys of the tokens: True prefix (causal model), False whole sequence, None no keys
     causal: Optional[bool] = None
+    #: GRIDE profiles: the largest n2 of the curves, the order asked for (None: the plateau), the estimates
+    gride_kw: Optional[Dict[str, Any]] = None
+    gride: Optional[GrideProfile] = None
     n_seq: int = 0
     timings: Dict[str, float] = field(
         default_factory=lambda: {"forward": 0.0, "wait": 0.0, "estimate": 0.0, "bootstrap": 0.0})
@@ -183,11 +192,12 @@ class _Snapshots:
         xs = clone.result()
         ctx = torch.cuda.stream(self.side_stream) if self.side_stream is not None else contextlib.nullcontext()
         with ctx, torch.no_grad():
-            ids = []
-            for i, x in enumerate(xs):
-                ids.append(_estimate(x, self.run.id_dev, f"layer {i}", **self.run.est_kw).id
-                           if x.shape[0] >= 3 else float("nan"))
-        self.history.append({"batch": batch_no, "n_seen": n_seen, "ids": ids})
+            if self.run.gride_kw is not None:
+                entry = _gride_snapshot(self.run, xs)
+            else:
+                entry = {"ids": [_estimate(x, self.run.id_dev, f"layer {i}", **self.run.est_kw).id
+                                 if x.shape[0] >= 3 else float("nan") for i, x in enumerate(xs)]}
+        self.history.append({"batch": batch_no, "n_seen": n_seen, **entry})
 
     def after_batch(self, batch_no: int, writer: ThreadPoolExecutor) -> None:
         if not self.every or batch_no % self.every != 0:
@@ -207,6 +217,21 @@ class _Snapshots:
         if self.history:
             post["mean ID"] = f"{sum(self.history[-1]['ids']) / len(self.history[-1]['ids']):.1f}"
         return post
+
+
+def _gride_snapshot(run: _Run, xs: List[torch.Tensor]) -> Dict[str, Any]:
+    """A background GRIDE estimate of the layers: their IDs at the order asked for, or at the plateau of
+    this snapshot's curves (``"n1"`` says which); NaN for all while a layer holds fewer than 3 points."""
+    if any(x.shape[0] < 3 for x in xs):
+        return {"ids": [float("nan")] * len(xs), "n1": None}
+    keys = [f"layer{i}" for i in range(len(xs))]
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # 0-dimensional layers warn once, in the final estimate
+            g = estimate_gride(dict(zip(keys, xs)), keys, device=run.id_dev, rows=False, **run.gride_kw)
+    except ValueError:  # too few points yet for the order asked for
+        return {"ids": [float("nan")] * len(xs), "n1": run.gride_kw["scale"]}
+    return {"ids": [g.results[k].id for k in keys], "n1": g.n1}
 
 
 def _forward(run: _Run, batch: Dict[str, Any], writer: ThreadPoolExecutor) -> Future:
@@ -285,7 +310,9 @@ def _estimate_samples(
     run: _Run, *, rows: bool, progress: bool
 ) -> Tuple[List[str], Dict[str, TwoNNResult], Dict[str, Optional[torch.Tensor]]]:
     """The TwoNN result of every sample: the layers, then the module inputs and outputs that hold points;
-    with ``rows=True`` also their ratios in slot order (for the paired bootstrap)."""
+    with ``rows=True`` also their ratios in slot order (for the paired bootstrap). A GRIDE profile gives
+    each sample's estimate at the profile's neighbour order (:mod:`gelora.profiling.scales`; the
+    curves and the choice in ``run.gride``)."""
     from tqdm.auto import tqdm
 
     t0 = time.perf_counter()
@@ -293,6 +320,15 @@ def _estimate_samples(
     keys = list(prof.layer_keys)
     if prof.modules:
         keys += [k for k in prof.stores if k.startswith(("in:", "out:")) and prof.stores[k].n > 0]
+    if run.gride_kw is not None:
+        with torch.no_grad():
+            run.gride = estimate_gride(
+                {k: prof.stores[k].points() for k in keys}, prof.layer_keys, device=run.id_dev, rows=rows,
+                names={k: f"layer {k[5:]}" if k.startswith("layer") else k for k in keys},
+                progress=lambda ks: tqdm(ks, desc="gelora GRIDE", unit="set", disable=not progress, leave=False),
+                **run.gride_kw)
+        run.timings["estimate"] = time.perf_counter() - t0
+        return keys, dict(run.gride.results), dict(run.gride.log_mu)
     results: Dict[str, TwoNNResult] = {}
     log_mu: Dict[str, Optional[torch.Tensor]] = {}
     with torch.no_grad():
@@ -316,30 +352,34 @@ def _paired_bootstrap(run: _Run, keys: List[str], log_mu: Dict[str, Optional[tor
         raise RuntimeError("internal: the samples of the layers hold different numbers of slots")
     lm = torch.stack([log_mu[k] if log_mu[k] is not None
                       else torch.full((n_rows,), float("nan"), dtype=torch.float64) for k in keys])
+    g = run.gride
     paired = PairedBootstrap(keys=keys, log_mu=lm, groups=prof.slot_seq[:n_rows].clone(),
                              fixed={k: 0.0 for k in keys if log_mu[k] is None}, unit=unit,
                              n_boot=n_boot, seed=run.est_kw["seed"], estimator=run.est_kw["estimator"],
-                             discard_fraction=run.est_kw["discard_fraction"])
+                             discard_fraction=run.est_kw["discard_fraction"], n1=None if g is None else g.n1,
+                             start=None if g is None else [g.results[k].id for k in keys])
     paired.run()
     run.timings["bootstrap"] = time.perf_counter() - t0
     return paired
 
 
-def _module_profiles(prof: Profiler, results: Dict[str, TwoNNResult]) -> Dict[str, ModuleProfile]:
-    """The input and output IDs of every profiled linear module, by full module name."""
+def _module_profiles(prof: Profiler, results: Dict[str, Any]) -> Dict[str, ModuleProfile]:
+    """The input and output IDs of every profiled linear module, by full module name (and their GRIDE
+    curves in a GRIDE profile)."""
     out: Dict[str, ModuleProfile] = {}
     for tm in prof.modules:
         rin = results[prof.mod_in_key.get(tm.name, f"in:{tm.name}")]
         rout = results[f"out:{tm.name}"]
+        curves = [ScaleCurve.from_gride(r.curve) if hasattr(r, "curve") else None for r in (rin, rout)]
         out[tm.name] = ModuleProfile(
             name=tm.name, block=tm.block, rel=tm.rel, in_features=tm.in_features, out_features=tm.out_features,
             id_in=rin.id, stderr_in=rin.stderr, id_out=rout.id, stderr_out=rout.stderr,
-            n_points=rout.n_points, input_shared_with=prof.shared.get(tm.name),
+            n_points=rout.n_points, input_shared_with=prof.shared.get(tm.name), curve_in=curves[0], curve_out=curves[1],
         )
     return out
 
 
-def _result(run: _Run, results: Dict[str, TwoNNResult], paired: Optional[PairedBootstrap],
+def _result(run: _Run, results: Dict[str, Any], paired: Optional[PairedBootstrap],
             history: List[Dict[str, Any]], *, t_start: float, keep_samples: bool) -> ProfileResult:
     """The :class:`ProfileResult` of a finished run."""
     prof = run.prof
@@ -372,9 +412,20 @@ def _result(run: _Run, results: Dict[str, TwoNNResult], paired: Optional[PairedB
         history=history,
         samples=[prof.stores[k].points() for k in prof.layer_keys] if keep_samples else None,
         model_name=str(getattr(cfg, "_name_or_path", "") or type(run.model).__name__),
-        twonn=layer_res,
+        twonn=[] if run.gride else layer_res,
         paired=paired,
+        **_gride_fields(run),
     )
+
+
+def _gride_fields(run: _Run) -> Dict[str, Any]:
+    """The GRIDE attributes of :class:`ProfileResult` (none for a TwoNN profile)."""
+    g = run.gride
+    if g is None:
+        return {}
+    layers = [g.results[k].curve for k in run.prof.layer_keys]
+    return dict(scale=g.n1, scale_choice=g.choice, range_max=run.gride_kw["range_max"], plateau_scores=g.scores,
+                curves=[ScaleCurve.from_gride(c) for c in layers], gride=layers)
 
 
 def profile_model(
@@ -402,6 +453,8 @@ def profile_model(
     paired_bootstrap: int = 1000,
     bootstrap_unit: str = "sequence",
     contexts: str = "auto",
+    scale: Optional[int] = None,
+    range_max: int = 64,
 ) -> ProfileResult:
     """Estimate the intrinsic dimension of the hidden states entering and leaving every block.
 
@@ -421,7 +474,11 @@ def profile_model(
             ``"all-linear"`` for all of them); ``None``: blocks only.
         blocks: path of the block ``ModuleList`` when it is not found automatically.
         store_dtype: host dtype of the samples (default: the model's half dtype, else float16).
-        estimator, discard_fraction, bootstrap, backend: passed to :func:`gelora.twonn`.
+        estimator: a TwoNN estimator (``"mle"``, ``"linear"``, ``"mle_censored"``), passed with
+            ``discard_fraction``, ``bootstrap`` and ``backend`` to :func:`gelora.twonn`; or ``"gride"``:
+            :func:`gelora.gride` of every sample (``range_max``, ``backend``), every ID read at the one
+            neighbour order ``scale`` (:mod:`gelora.profiling.scales`; ``discard_fraction`` unused,
+            ``bootstrap`` must be 0).
         id_device: where the estimates run (default: the model's CUDA device if it has one, else CPU).
         estimate_every: estimate the layer IDs in the background every this many batches (0: never).
         progress: show tqdm progress bars.
@@ -439,16 +496,21 @@ def profile_model(
             ``"sequence"``) or ``"none"`` (every token is its own point). The sample keeps one token per
             context: copies computed in batches of different shapes differ by rounding only and would
             enter TwoNN as near-duplicates with ratios of up to 1e7.
+        scale: GRIDE only: the neighbour order ``n1`` (a power of two, ``2 * scale <= range_max``) of every
+            ID; None (default): the plateau of the layer curves, the same order for all
+            (:func:`gelora.profiling.scales.plateau`). ``ProfileResult.curves`` keeps the whole curves.
+        range_max: GRIDE only: the largest ``n2`` of the curves (neighbours searched per point).
 
     Returns:
         :class:`ProfileResult`.
 
     Raises:
-        ValueError: bad arguments, no data, too few points in a layer.
+        ValueError: bad arguments (a ``scale`` with a TwoNN estimator, not a power of two or beyond the
+            curve among them), no data, too few points in a layer (or to reach ``scale``).
     """
     _check_arguments(pooling=pooling, max_tokens=max_tokens, estimator=estimator, estimate_every=estimate_every,
                      paired_bootstrap=paired_bootstrap, bootstrap_unit=bootstrap_unit, store_dtype=store_dtype,
-                     contexts=contexts)
+                     contexts=contexts, scale=scale, range_max=range_max, bootstrap=bootstrap)
     t_start = time.perf_counter()
     blocks_path, ml = find_blocks(model, blocks)
     targets = resolve_target_modules(model, modules, blocks=blocks) if modules is not None else None
@@ -459,7 +521,8 @@ def profile_model(
     est_kw = dict(estimator=estimator, discard_fraction=discard_fraction, bootstrap=bootstrap, seed=seed,
                   backend=backend)
     causal = None if contexts == "none" else (is_causal(model) if contexts == "auto" else contexts == "prefix")
-    run = _Run(model, runner, prof, in_dev, id_dev, _forward_kwargs(model, forward_kwargs), est_kw, causal)
+    run = _Run(model, runner, prof, in_dev, id_dev, _forward_kwargs(model, forward_kwargs), est_kw, causal,
+               gride_kw=dict(range_max=int(range_max), scale=scale, backend=backend) if estimator == GRIDE else None)
     history = _collect(run, batches, n_batches, estimate_every=estimate_every, progress=progress)
     keys, results, log_mu = _estimate_samples(run, rows=bool(paired_bootstrap), progress=progress)
     paired = _paired_bootstrap(run, keys, log_mu, n_boot=paired_bootstrap, unit=bootstrap_unit) \

@@ -9,10 +9,37 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from ..id.estimate import TwoNNResult
-from ..id.paired import bootstrap_stderr, paired_bootstrap
+from ..id.gride import GrideResult
+from ..id.paired import bootstrap_stderr, paired_bootstrap, paired_bootstrap_gride
 
 #: What a replicate of the paired bootstrap resamples: whole sequences, or points one by one.
 BOOTSTRAP_UNITS = ("sequence", "token")
+
+
+@dataclass
+class ScaleCurve:
+    """The GRIDE curve of one point set (:class:`gelora.GrideResult` as plain lists): the ID and its standard
+    error at each neighbour order ``n1`` (``n2 = 2 n1``), and ``scales``, the mean distance of the
+    neighbours involved (in the units of the hidden states)."""
+
+    n1: List[int]
+    ids: List[float]
+    stderr: List[float]
+    scales: List[float]
+
+    @classmethod
+    def from_gride(cls, res: GrideResult) -> "ScaleCurve":
+        return cls(n1=[int(v) for v in res.n1], ids=[float(v) for v in res.ids],
+                   stderr=[float(v) for v in res.stderr], scales=[float(v) for v in res.scales])
+
+    def index(self, n1: int) -> int:
+        """Position of neighbour order ``n1`` in the curve (ValueError when it is not there)."""
+        if n1 not in self.n1:
+            raise ValueError(f"n1={n1} is not on the curve (n1 = {self.n1})")
+        return self.n1.index(n1)
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"n1": list(self.n1), "ids": list(self.ids), "stderr": list(self.stderr), "scales": list(self.scales)}
 
 
 @dataclass
@@ -30,6 +57,9 @@ class ModuleProfile:
     stderr_out: float
     n_points: int
     input_shared_with: Optional[str] = None
+    #: GRIDE profiles: the whole curve of the input and of the output sample (ids are read at the profile's n1)
+    curve_in: Optional[ScaleCurve] = None
+    curve_out: Optional[ScaleCurve] = None
 
     @property
     def in_key(self) -> str:
@@ -42,7 +72,10 @@ class ModuleProfile:
         return f"out:{self.name}"
 
     def to_dict(self) -> Dict[str, Any]:
-        return dict(self.__dict__)
+        out = dict(self.__dict__)
+        for k in ("curve_in", "curve_out"):
+            out[k] = None if out[k] is None else out[k].to_dict()
+        return out
 
 
 @dataclass
@@ -60,6 +93,9 @@ class PairedBootstrap:
         fixed: sets whose ID is not estimated from ratios (0-dimensional: fewer than 3 distinct
             points) and the value every replicate gives them.
         unit: ``"sequence"`` or ``"token"``. n_boot, seed, estimator, discard_fraction: the replicates'.
+        n1, start: with ``estimator="gride"``, the neighbour order of the ratios in ``log_mu`` (only those
+            that entered the estimate: the outlier cut stays that of the full sample) and the K estimates
+            each replicate's solver starts from (:func:`gelora.id.paired.paired_bootstrap_gride`).
         replicates: (n_boot, K) float64 replicate IDs (after :meth:`run`).
     """
 
@@ -73,12 +109,20 @@ class PairedBootstrap:
     estimator: str = "mle"
     discard_fraction: float = 0.1
     replicates: Optional[torch.Tensor] = field(default=None, repr=False)
+    n1: Optional[int] = None
+    start: Optional[List[float]] = None
 
     def run(self) -> torch.Tensor:
         """Draw the replicates (the same for the same seed) and store them in :attr:`replicates`."""
-        rep = paired_bootstrap(self.log_mu, n_boot=self.n_boot, seed=self.seed, estimator=self.estimator,
-                               discard_fraction=self.discard_fraction,
-                               groups=self.groups if self.unit == "sequence" else None)
+        groups = self.groups if self.unit == "sequence" else None
+        if self.estimator == "gride":
+            if self.n1 is None:
+                raise ValueError("a GRIDE bootstrap needs its neighbour order n1")
+            rep = paired_bootstrap_gride(self.log_mu, self.n1, n_boot=self.n_boot, seed=self.seed, groups=groups,
+                                         start=self.start)
+        else:
+            rep = paired_bootstrap(self.log_mu, n_boot=self.n_boot, seed=self.seed, estimator=self.estimator,
+                                   discard_fraction=self.discard_fraction, groups=groups)
         for k, v in self.fixed.items():
             rep[:, self.keys.index(k)] = v
         self.replicates = rep
@@ -92,7 +136,7 @@ class PairedBootstrap:
         out = PairedBootstrap(keys=list(self.keys), log_mu=self.log_mu, groups=self.groups, fixed=dict(self.fixed),
                               unit=unit or self.unit, n_boot=n_boot or self.n_boot,
                               seed=self.seed if seed is None else seed, estimator=self.estimator,
-                              discard_fraction=self.discard_fraction)
+                              discard_fraction=self.discard_fraction, n1=self.n1, start=self.start)
         out.run()
         return out
 
@@ -113,7 +157,8 @@ class PairedBootstrap:
 
     def to_dict(self) -> Dict[str, Any]:
         return {"n_boot": self.n_boot, "unit": self.unit, "n_units": self.n_units, "seed": self.seed,
-                "n_points": int(self.log_mu.shape[1]), "keys": list(self.keys), "fixed": dict(self.fixed)}
+                "n_points": int(self.log_mu.shape[1]), "keys": list(self.keys), "fixed": dict(self.fixed),
+                "estimator": self.estimator, "n1": self.n1}
 
 
 @dataclass
@@ -123,7 +168,8 @@ class ProfileResult:
     Attributes:
         layers: L + 1 names: ``"embeddings"`` (input of block 0), then ``"block 0"`` ... ``"block L-1"``
             (block outputs).
-        ids, stderr: TwoNN ID of each layer and its standard error (L + 1 floats each).
+        ids, stderr: ID of each layer and its standard error (L + 1 floats each): TwoNN's, or with
+            ``estimator="gride"`` GRIDE's at the neighbour order :attr:`scale`.
         n_points: points in each layer's sample (at most ``max_tokens``).
         n_duplicates: exact duplicate rows collapsed by the estimator (e.g. ``[CLS]`` at layer 0).
         n_seen: points offered to the sampler (non-padding tokens, or sequences when pooled).
@@ -132,13 +178,21 @@ class ProfileResult:
         n_sequences: sequences run through the model.
         modules: per-module profiles by full module name (when ``modules=`` was given).
         timings: seconds: ``forward`` (batches through the model, hooks included), ``wait`` (for the
-            writer thread), ``estimate`` (final TwoNN), ``total``; ``tokens_per_s``.
-        history: with ``estimate_every``: ``{"batch", "n_seen", "ids"}`` snapshots taken in the background.
+            writer thread), ``estimate`` (final TwoNN or GRIDE), ``total``; ``tokens_per_s``.
+        history: with ``estimate_every``: ``{"batch", "n_seen", "ids"}`` snapshots taken in the background
+            (GRIDE: also ``"n1"``, the order of that snapshot's IDs).
         twonn: the full :class:`gelora.TwoNNResult` of each layer.
         samples: with ``keep_samples=True``, each layer's sampled points, (n_points, D) on the host in
             the storage dtype (row order is the sampler's slot order).
         paired: the paired bootstrap of all the IDs (``paired_bootstrap > 0``), which
             :func:`gelora.ranks.allocate_ranks` turns into the probability of each bound.
+        scale, scale_choice, range_max: GRIDE profiles: the neighbour order ``n1`` that every ID of the
+            profile is read at, ``"given"`` (``scale=``) or ``"plateau"``
+            (:func:`gelora.profiling.scales.plateau`), and the largest ``n2`` of the curves.
+        plateau_scores: GRIDE profiles: per pair of consecutive orders ``(n1[s], n1[s + 1])`` the mean over
+            the layers of the squared change of the ID in units of its standard error.
+        curves: GRIDE profiles: the whole curve of each layer (:class:`ScaleCurve`).
+        gride: GRIDE profiles: the full :class:`gelora.GrideResult` of each layer.
     """
 
     layers: List[str]
@@ -164,6 +218,12 @@ class ProfileResult:
     paired: Optional[PairedBootstrap] = field(default=None, repr=False)
     n_repeats: int = 0
     contexts: str = "none"
+    scale: Optional[int] = None
+    scale_choice: str = ""
+    range_max: Optional[int] = None
+    plateau_scores: List[float] = field(default_factory=list)
+    curves: List[ScaleCurve] = field(default_factory=list)
+    gride: List[GrideResult] = field(default_factory=list, repr=False)
 
     @property
     def n_blocks(self) -> int:
@@ -171,14 +231,17 @@ class ProfileResult:
 
     @property
     def backend(self) -> str:
-        return self.twonn[0].backend if self.twonn else ""
+        runs = self.twonn or self.gride
+        return next((r.backend for r in runs if r.backend != "none"), runs[0].backend) if runs else ""
 
     @property
     def n_fixed(self) -> List[int]:
         """Per layer, the rows whose neighbours the exactness certificate sent to the float64 path
         (:attr:`gelora.TwoNNResult.n_fixed`; many of them mean a slow estimate, not a wrong one).
         ``-1``: not counted (with ``paired_bootstrap`` the estimates go through :func:`gelora.knn2`,
-        which does not return it)."""
+        which does not return it, and GRIDE's search does not count them)."""
+        if self.gride:
+            return [-1] * len(self.ids)
         return [int(r.n_fixed) for r in self.twonn] if self.twonn else [0] * len(self.ids)
 
     def summary(self) -> str:
@@ -217,4 +280,8 @@ class ProfileResult:
             "model_name": self.model_name,
             "paired_bootstrap": None if self.paired is None else {
                 **self.paired.to_dict(), "stderr_layers": self.paired.stderr(self.paired.keys[: len(self.ids)])},
+            "scale": None if self.scale is None else {
+                "n1": self.scale, "n2": 2 * self.scale, "choice": self.scale_choice, "range_max": self.range_max,
+                "plateau_scores": [float(v) for v in self.plateau_scores]},
+            "curves": [c.to_dict() for c in self.curves] if self.curves else None,
         }
