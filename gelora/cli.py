@@ -338,7 +338,8 @@ def _print_summary(run: _ProfileRun) -> None:
     print(f"model   {run.model_path} ({type(model).__name__}, {prof.n_blocks} blocks, {run.device}, "
           f"{str(run.dtype).replace('torch.', '')})")
     print(f"data    {run.corpus.provenance.get('name', '?')}: {len(run.corpus):,} texts, {prof.n_seen:,} "
-          f"{'tokens' if prof.pooling == 'tokens' else 'sequences'} ({prof.pooling})")
+          f"{'tokens' if prof.pooling == 'tokens' else 'sequences'} ({prof.pooling}), "
+          f"{prof.n_repeats:,} repeating a context already sampled (contexts: {prof.contexts})")
     print(_block_table(prof, alloc))
     if alloc.per_module:
         print(f"ranks   per module: {len(alloc.ranks)} modules, min {min(alloc.ranks)}, max {max(alloc.ranks)}")
@@ -393,7 +394,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed,
         modules=(targets if targets is not None else "all-linear") if args.per_module else None,
         progress=not args.quiet, paired_bootstrap=args.paired_bootstrap, bootstrap_unit=args.bootstrap_unit,
-        estimator=args.estimator, scale=args.scale,
+        estimator=args.estimator, scale=args.scale, contexts=args.contexts,
         range_max=64 if args.range_max is None else args.range_max,
     )
     t_alloc = time.perf_counter()
@@ -478,6 +479,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "bootstrap that gives each bound its probability (default 1000; 0: none)")
     pp.add_argument("--bootstrap-unit", choices=["sequence", "token"], default="sequence",
                     help="what a bootstrap replicate resamples (default: sequences)")
+    pp.add_argument("--contexts", choices=["auto", "prefix", "sequence", "none"], default="auto",
+                    help="which tokens are one point: the same prefix (causal models), the same sequence and "
+                         "position, auto (prefix when the attention is causal; default) or none")
     pp.add_argument("--alpha-policy", choices=["constant_scaling", "constant_alpha"], default="constant_scaling")
     pp.add_argument("--scaling", type=float, default=2.0, help="alpha / r under constant_scaling (default 2)")
     pp.add_argument("--lora-alpha", type=float, default=None, help="alpha under constant_alpha (default 16)")

@@ -71,6 +71,8 @@ def test_profile_writes_report_adapter_config_and_plot(tiny_model_dir, texts_fil
     prof, alloc = report["profile"], report["allocation"]
     assert len(prof["ids"]) == 4 and len(prof["stderr"]) == 4 and len(alloc["ranks"]) == 3
     assert prof["n_points"] == [300] * 4 and prof["pooling"] == "tokens"
+    # a BERT: one point per (sequence, position); the repeated sequences of the texts are counted
+    assert prof["contexts"] == "sequence" and prof["n_repeats"] >= 0 and "contexts: sequence" in stdout
     # the paired bootstrap (default): rows recomputed in float64 are not counted on its path
     assert len(prof["n_fixed"]) == 4 and all(isinstance(v, int) and 0 <= v <= 300 for v in prof["n_fixed"])
     assert prof["paired_bootstrap"]["n_boot"] == 1000
@@ -134,9 +136,10 @@ def test_profile_rules_and_the_bootstrap_switch(tiny_model_dir, texts_file, tmp_
     # the paired rule: its real bounds in a column, and no warning (its ranks do not use the ceiling)
     rc, stdout, err = run(base + ["--out", str(tmp_path / "b"), "--rule", "paired", "--budget", "r4",
                                   "--bootstrap-unit", "token", "--paired-bootstrap", "300",
-                                  "--estimator", "mle_censored"], capsys)
+                                  "--estimator", "mle_censored", "--contexts", "none"], capsys)
     assert rc == 0, err
     report = json.loads((tmp_path / "b" / "report.json").read_text())
+    assert report["profile"]["contexts"] == "none" and report["profile"]["n_repeats"] == 0
     alloc = report["allocation"]
     assert alloc["rule"] == "paired" and alloc["z"] == 2.0 and alloc["bootstrap_unit"] == "token"
     assert report["profile"]["estimator"] == "mle_censored"
