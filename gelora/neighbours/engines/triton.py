@@ -450,13 +450,13 @@ class TritonBackend(KnnBackend):
             return [f"CUDA device of compute capability {major}.{minor}; the kernel needs 7.0 or newer"]
         return []
 
-    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False) -> List[str]:
+    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False, *, k: Optional[int] = None) -> List[str]:
         """As :meth:`KnnBackend.not_supported_reasons`; ``forced=True`` (the backend was asked for by
         name) also accepts a CPU tensor when CUDA is there: it is streamed through the GPU."""
         reasons = self.availability_reasons()
         if reasons:
             return list(reasons)
-        return self._reasons(x, forced)
+        return self._reasons(x, forced) + ([] if k is None else self.k_reasons(k))
 
     def _input_reasons(self, x: torch.Tensor) -> List[str]:
         return self._reasons(x, False)
