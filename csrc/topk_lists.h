@@ -41,8 +41,10 @@ struct TopkLists {
 
 namespace GELORA_ISA {
 
-// (da, ia) after (db, ib) in the heap order: by distance, then by index (so that the final order,
-// and which of several equal distances leaves a full list, do not depend on the order of the offers).
+// (da, ia) after (db, ib) in the heap order: by distance, then by index, so that equal distances come
+// out ascending by index. Which of several distances equal to a full list's largest stay in it still
+// depends on the order of the offers (an offer must be strictly below the threshold), as with the
+// sorted lists.
 template <typename T>
 inline bool heap_after(T da, int64_t ia, T db, int64_t ib) {
   return da > db || (da == db && ia > ib);
