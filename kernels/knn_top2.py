@@ -36,8 +36,8 @@ Large ``KC`` (up to :data:`MAX_KC` = 128: the 64 neighbours of GRIDE plus the pi
 candidates) keeps its lists in registers too, ``(BLOCK_M, KCP)`` keys and indices per program plus the
 column lists of a symmetric tile: from ``KCP = 32`` on the launcher takes narrower tiles
 (:data:`LARGE_KC_CONFIGS`), which ptxas compiles for sm_90a without spills up to ``KCP = 64`` and
-with ~750 bytes of spills per thread at ``KCP = 128`` (the smallest of the shapes tried; correct
-either way, and the rounds per tile stay bounded by ``KC``).
+with ~750-790 bytes of spills per thread at ``KCP = 128`` (the fewest of the shapes tried; correct
+either way, and the rounds per tile stay bounded by ``KC``). Not yet timed on a GPU.
 
 Column lists of a symmetric program are read, updated and written back through global memory (they
 stay in L2) once per tile; a block barrier after the write orders them for the next row block, and
@@ -293,10 +293,11 @@ MAX_KC = 128
 #: From this ``KCP`` on, the CUDA launches take :data:`LARGE_KC_CONFIGS` (tensor-core tiles).
 LARGE_KCP = 32
 #: Narrow tiles for long candidate lists. ptxas -v for sm_90a (Triton 3.7, symmetric variant, bytes of
-#: spill stores per thread; not yet timed on a GPU): 32x64x64 fp16, 8 warps: 0 at KCP = 32 and 64, 748
-#: at 128; 64x64x64: 0, 44, 1172; the default 128x128x64: 472, 1060, 5888.
+#: spill stores per thread; not yet timed on a GPU): 32x64x64 fp16, 8 warps: 0 at KCP = 32 and 64,
+#: 750-790 at 128, on mma.sync (wgmma takes 64 rows per warpgroup); 64x64x64, 8 warps, wgmma: 0, 44,
+#: 1170-1220; the default 128x128x64: 472, 1060, 5888. The tuner times both on large inputs.
 LARGE_KC_CONFIGS = (TileConfig(32, 64, 64, 8, 3), TileConfig(64, 64, 64, 8, 3))
-#: The same for float32 operands (tf32): 32x64x32: 0, 28, 748; 64x64x32: 0, 164, 1172.
+#: The same for float32 operands (tf32): 32x64x32: 0, 28, 750-790; 64x64x32: 0, 164, 1170.
 LARGE_KC_CONFIGS_F32 = (TileConfig(32, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3))
 
 #: Operand rows and columns are padded to this multiple on the GPU (covers every config above).
