@@ -235,8 +235,9 @@ KnnPlan symmetric_knn(const T* x, int64_t n, int64_t dim, int64_t kc, const KnnO
         const int64_t off = (i - i0) * kc;
         T* d = pd[b].get() + off;
         int64_t* ix = pidx[b].get() + off;
-        for (int64_t s = 0; s < kc && ix[s] >= 0; ++s) {
-          base::topk_insert(global, i, d[s], ix[s]);
+        // a heap may hold its empty slots anywhere: visit every slot
+        for (int64_t s = 0; s < kc; ++s) {
+          if (ix[s] >= 0) base::topk_insert(global, i, d[s], ix[s]);
           d[s] = inf;
           ix[s] = -1;
         }
@@ -314,7 +315,8 @@ KnnPlan symmetric_knn(const T* x, int64_t n, int64_t dim, int64_t kc, const KnnO
         for (int t = 1; t < threads; ++t) {
           const T* d = gd[t].get() + i * kc;
           const int64_t* ix = gidx[t].get() + i * kc;
-          for (int64_t s = 0; s < kc && ix[s] >= 0; ++s) base::topk_insert(dst, i, d[s], ix[s]);
+          for (int64_t s = 0; s < kc; ++s)
+            if (ix[s] >= 0) base::topk_insert(dst, i, d[s], ix[s]);
         }
       }
     } else if (bad < 0) {
@@ -338,6 +340,12 @@ KnnPlan symmetric_knn(const T* x, int64_t n, int64_t dim, int64_t kc, const KnnO
       }
 #pragma omp for schedule(dynamic, 1)
       for (int64_t task = 0; task < merge_tasks(nblocks - 1); ++task) merge_task(nblocks - 1, task, global);
+    }
+    if (bad < 0 && kc > SORTED_MAX_KC) {
+      // heaps -> ascending lists (the sorted lists of small kc are already)
+      const TopkLists<T> out{gd[0].get(), gidx[0].get(), gthr[0].get(), 0, kc};
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < n; ++i) base::topk_finish(out, i);
     }
   }
   if (bad >= 0)

@@ -3,7 +3,8 @@
 * :func:`estimate_id` / :func:`twonn`: exact TwoNN intrinsic dimension of (N, D) or (B, T, D) states.
 * :func:`gride`: the GRIDE ID at neighbour orders 1, 2, 4, ... (the ID as a function of scale);
   :func:`mle_id`: the Levina-Bickel / MacKay-Ghahramani maximum-likelihood ID over k neighbours.
-* :func:`knn2`: exact two nearest neighbours with a choice of engines (Triton, C++, FAISS, torch).
+* :func:`knn`: exact k nearest neighbours with a choice of engines (Triton, C++, FAISS, torch);
+  :func:`knn2`: the same with k = 2 (TwoNN's two) and a distributed search.
 * :func:`profile_model`: per-layer IDs of a transformers model; :func:`allocate_ranks`: GeLoRA ranks;
   :func:`lora_config`: a PEFT ``LoraConfig`` with verified ``rank_pattern``/``alpha_pattern``.
 * :func:`fuse_lora`: swap PEFT LoRA layers for fused variable-rank ones (Triton on CUDA, torch on CPU).
@@ -23,6 +24,7 @@ _logging.getLogger("gelora").addHandler(_logging.NullHandler())
 #: imports neither Triton nor transformers nor peft until they are used
 _PUBLIC = {
     "BackendUnavailable": "gelora._registry",
+    "knn": "gelora.neighbours.pipeline",
     "knn2": "gelora.neighbours.pipeline",
     "knn_reference": "gelora.neighbours.reference",
     "TwoNNResult": "gelora.id.estimate",

@@ -29,8 +29,15 @@ When fusing stops paying off
 ----------------------------
 The epilogue costs a handful of CUDA-core operations per tile entry against ``2 D`` tensor-core
 flops: below D of about 128 the kernel is bound by the top-k bookkeeping, not by the products, and
-large ``KC`` (> 16) adds rounds on the first tiles of every pair. Neither matters for hidden states
-(D = 768 ... 8192, KC = 4).
+large ``KC`` (> 16) adds rounds on the first tiles of every pair. Neither matters for TwoNN on hidden
+states (D = 768 ... 8192, KC = 4).
+
+Large ``KC`` (up to :data:`MAX_KC` = 128: the 64 neighbours of GRIDE plus the pipeline's extra
+candidates) keeps its lists in registers too, ``(BLOCK_M, KCP)`` keys and indices per program plus the
+column lists of a symmetric tile: from ``KCP = 32`` on the launcher takes narrower tiles
+(:data:`LARGE_KC_CONFIGS`), which ptxas compiles for sm_90a without spills up to ``KCP = 64`` and
+with ~750-790 bytes of spills per thread at ``KCP = 128`` (the fewest of the shapes tried; correct
+either way, and the rounds per tile stay bounded by ``KC``). Not yet timed on a GPU.
 
 Column lists of a symmetric program are read, updated and written back through global memory (they
 stay in L2) once per tile; a block barrier after the write orders them for the next row block, and
@@ -49,7 +56,7 @@ import triton.language as tl
 
 from .. import _env
 
-__all__ = ["TileConfig", "knn_top2", "default_config", "interpreting", "tune_config"]
+__all__ = ["MAX_KC", "TileConfig", "knn_top2", "default_config", "interpreting", "tune_config"]
 
 
 def interpreting() -> bool:
@@ -281,6 +288,17 @@ IEEE_CONFIG = TileConfig(64, 64, 16, 4, 2)
 INTERPRETER_CONFIG = TileConfig(32, 32, 32, 4, 1)
 #: Last resort when the configs above fail to compile on a device (small tiles, little shared memory).
 FALLBACK_CONFIG = TileConfig(64, 64, 32, 4, 2)
+#: Largest candidate count per row (``KC``); the lists are ``KCP = next_pow2(KC)`` wide in registers.
+MAX_KC = 128
+#: From this ``KCP`` on, the CUDA launches take :data:`LARGE_KC_CONFIGS` (tensor-core tiles).
+LARGE_KCP = 32
+#: Narrow tiles for long candidate lists. ptxas -v for sm_90a (Triton 3.7, symmetric variant, bytes of
+#: spill stores per thread; not yet timed on a GPU): 32x64x64 fp16, 8 warps: 0 at KCP = 32 and 64,
+#: 750-790 at 128, on mma.sync (wgmma takes 64 rows per warpgroup); 64x64x64, 8 warps, wgmma: 0, 44,
+#: 1170-1220; the default 128x128x64: 472, 1060, 5888. The tuner times both on large inputs.
+LARGE_KC_CONFIGS = (TileConfig(32, 64, 64, 8, 3), TileConfig(64, 64, 64, 8, 3))
+#: The same for float32 operands (tf32): 32x64x32: 0, 28, 750-790; 64x64x32: 0, 164, 1170.
+LARGE_KC_CONFIGS_F32 = (TileConfig(32, 64, 32, 8, 3), TileConfig(64, 64, 32, 8, 3))
 
 #: Operand rows and columns are padded to this multiple on the GPU (covers every config above).
 GPU_ALIGN = 256
@@ -295,23 +313,31 @@ def _capability(device: torch.device) -> Tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def candidate_configs(device: torch.device, dtype: torch.dtype = torch.float16, precision: str = "ieee"):
-    """Tile configurations worth trying for operands of ``dtype`` on ``device`` (first: the default)."""
+def candidate_configs(device: torch.device, dtype: torch.dtype = torch.float16, precision: str = "ieee",
+                      kc: int = 4):
+    """Tile configurations worth trying for operands of ``dtype`` on ``device`` and ``kc`` candidates
+    per row (first: the default)."""
     if interpreting() or device.type != "cuda":
         return (INTERPRETER_CONFIG,)
     if dtype == torch.float32:
         if precision != "tf32":
             return (IEEE_CONFIG,)
+        if _next_pow2(kc) >= LARGE_KCP:
+            return LARGE_KC_CONFIGS_F32
         return HOPPER_CONFIGS_F32 if _capability(device)[0] >= 9 else (TileConfig(128, 128, 32, 4, 3),)
+    if _next_pow2(kc) >= LARGE_KCP:
+        return LARGE_KC_CONFIGS
     return HOPPER_CONFIGS if _capability(device)[0] >= 9 else AMPERE_CONFIGS
 
 
-def default_config(device: torch.device, dtype: torch.dtype = torch.float16, precision: str = "ieee") -> TileConfig:
-    """``GELORA_TRITON_CONFIG`` when set, else the first candidate for the device and operand dtype."""
+def default_config(device: torch.device, dtype: torch.dtype = torch.float16, precision: str = "ieee",
+                   kc: int = 4) -> TileConfig:
+    """``GELORA_TRITON_CONFIG`` when set, else the first candidate for the device, operand dtype and
+    ``kc``."""
     env = _env.text("GELORA_TRITON_CONFIG")
     if env:
         return TileConfig.parse(env)
-    return candidate_configs(device, dtype, precision)[0]
+    return candidate_configs(device, dtype, precision, kc)[0]
 
 
 def _next_pow2(v: int) -> int:
@@ -461,7 +487,7 @@ def knn_top2(
         a: (M_A', D') float16, bfloat16 or float32 operand on a CUDA device (CPU under the Triton
             interpreter); rows beyond ``n_a`` and columns beyond the data must be zero. An operand that
             is not padded to the block multiples (see :data:`GPU_ALIGN`, :data:`K_ALIGN`) is copied.
-        kc: candidates per row, ``1 <= kc <= 64``.
+        kc: candidates per row, ``1 <= kc <=`` :data:`MAX_KC`.
         b: optional (M_B', D') operand of the same dtype and D'.
         n_a, n_b: valid rows (default: all rows of ``a`` / ``b``).
         sq_a, sq_b: (n,) float32 squared norms of the operand rows (computed when omitted).
@@ -480,8 +506,8 @@ def knn_top2(
         i_a: (n_a, kc) int64 row indices into ``b`` (into ``a`` for a self-search), ``-1`` where missing.
         d_b, i_b: the same for the rows of ``b`` (cross search with ``symmetric``), else ``None``.
     """
-    if not isinstance(kc, int) or not 1 <= kc <= 64:
-        raise ValueError(f"kc must be an integer in [1, 64], got {kc!r}")
+    if not isinstance(kc, int) or not 1 <= kc <= MAX_KC:
+        raise ValueError(f"kc must be an integer in [1, {MAX_KC}], got {kc!r}")
     if a.dim() != 2 or (b is not None and (b.dim() != 2 or b.dtype != a.dtype)):
         raise ValueError("a and b must be 2-D operands of the same dtype")
     dev = a.device
@@ -495,8 +521,8 @@ def knn_top2(
     if config is not None:
         return _search(config, a, kc, b, n_a, n_b, sq_a, sq_b, a_offset, b_offset, tau_a, tau_b,
                        symmetric, prec, super_rows, cross)
-    first = _tuned.get(key) or default_config(dev, a.dtype, prec)
-    chain = [first] + [c for c in (*candidate_configs(dev, a.dtype, prec), FALLBACK_CONFIG) if c != first]
+    first = _tuned.get(key) or default_config(dev, a.dtype, prec, kc)
+    chain = [first] + [c for c in (*candidate_configs(dev, a.dtype, prec, kc), FALLBACK_CONFIG) if c != first]
     if dev.type != "cuda":
         chain = chain[:1]
     error = None
@@ -606,9 +632,9 @@ def tune_config(
     key = _tune_key(a, kc, prec, False, symmetric)
     if key in _tuned:
         return _tuned[key]
-    cands = candidate_configs(dev, a.dtype, prec)
+    cands = candidate_configs(dev, a.dtype, prec, kc)
     if _env.text("GELORA_TRITON_CONFIG") or dev.type != "cuda" or len(cands) == 1:
-        cfg = default_config(dev, a.dtype, prec)
+        cfg = default_config(dev, a.dtype, prec, kc)
         _tuned[key] = cfg
         return cfg
     n = min(rows, a.shape[0])

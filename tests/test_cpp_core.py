@@ -132,6 +132,32 @@ def test_core_duplicates_are_candidates(isa):
         assert set(idx[i]) <= copies - {i}
 
 
+@pytest.mark.parametrize("threads,private_lists", [(1, 1), (2, 1), (2, 0)], ids=["1t", "2t-private", "2t-phased"])
+@pytest.mark.parametrize("kc", [16, 17, 66])
+def test_core_long_lists(kc, threads, private_lists):
+    """Candidate lists above SORTED_MAX_KC = 16 are heaps (sorted at the end): points on a line, so
+    that a column's offers arrive nearest last and every one enters the list (the worst order for a
+    sorted list), and a random cloud; against the brute force, with both schedules and their merges."""
+    line = np.zeros((260, 3), np.float32)
+    line[:, 0] = np.arange(260)[::-1] * 0.5
+    line[:, 1] = (np.arange(260) % 7) * 1e-3  # no exact ties
+    for x in (line, points(300, 29, np.float32, seed=kc)):
+        d2, idx, sq, _ = _C.knn_candidates(x, kc, n_threads=threads, private_lists=private_lists,
+                                           block_rows=48, block_cols=32)
+        check_candidates(x, kc, d2, idx, sq)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_core_heap_ties_by_index(threads):
+    """Heap lists come out with equal distances ascending by index: 120 identical rows (all distances
+    equal) give 20 distinct other rows each, in increasing order."""
+    x = np.ones((120, 8), np.float32)
+    d2, idx, sq, _ = _C.knn_candidates(x, 20, n_threads=threads, block_rows=24, block_cols=16)
+    check_candidates(x, 20, d2, idx, sq)
+    assert (d2 == d2[0, 0]).all()
+    assert (np.diff(idx, axis=1) > 0).all()
+
+
 def test_core_preallocated_outputs():
     x = points(64, 8)
     out_d2 = np.empty((64, 3), np.float32)

@@ -166,6 +166,65 @@ def _check_kernel_cross():
     assert_knn_matches(d2, idx, exs, 4, _kernel_tol(exs, float(xs.double().square().sum(1).max())), "tau")
 
 
+def _check_kernel_large_kc(full: bool = False):
+    """Long candidate lists (KC = 66: k = 64 plus two extra, KCP = 128 in registers), self-search
+    symmetric and rows-only over several super-blocks, against float64 brute force on data with a
+    group of duplicates larger than KC. ``full`` (the slow tier): also KC = 17, 33 and MAX_KC = 128,
+    a manifold, one super-block, and a cross search."""
+    from gelora.kernels.knn_top2 import MAX_KC, knn_top2
+
+    cases = [(140, 20, "dups")] + ([(203, 45, "manifold")] if full else [])
+    for n, d, kind in cases:
+        x = _points(n, d, kind)
+        x[40:120] = x[39]  # 81 identical rows
+        exact = _exact_sq(x, x)
+        exact.fill_diagonal_(float("inf"))
+        tol = _kernel_tol(exact, float(x.double().square().sum(1).max()))
+        for kc in ((17, 33, 66, min(MAX_KC, n - 1)) if full else (66,)):
+            for sym, sup in ((True, None), (True, 64), (False, 64)) if full else ((True, 64), (False, 64)):
+                d2, idx, _, _ = knn_top2(x, kc, symmetric=sym, super_rows=sup)
+                assert bool((d2[:, 1:] >= d2[:, :-1]).all()), "not ascending"
+                assert_knn_matches(d2, idx, exact, kc, tol, f"self {kind} kc={kc} sym={sym} super={sup}")
+    if not full:
+        return
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(90, 31, generator=g), torch.randn(110, 31, generator=g)
+    ex = _exact_sq(a, b)
+    tol = _kernel_tol(ex, 2 * float(torch.cat([a, b]).double().square().sum(1).max()))
+    da, ia, db, ib = knn_top2(a, 66, b=b, a_offset=0, b_offset=90, super_rows=32)
+    assert_knn_matches(da, ia, ex, 66, tol, "cross a->b kc=66")
+    assert_knn_matches(db, ib, ex.T.contiguous(), 66, tol, "cross b->a kc=66")
+
+
+def _check_kernel_large_kc_full():
+    _check_kernel_large_kc(full=True)
+
+
+def _check_knn_k():
+    """gelora.knn(x, k, backend="triton") for k in {1, 2, 5, 17, 64} (kc up to 66) against the float64
+    reference on a shifted manifold; k = 64 also on duplicates (a group of 70 twins) and on rows with
+    one coordinate at +3000 (massive activations); k = 17 on bfloat16 input (centred into float32 by
+    the pipeline; the interpreter's bf16 tl.dot is wrong, so bf16 tiles stay a GPU check)."""
+    import gelora
+    from gelora.testing import assert_knn_match
+
+    g = torch.Generator().manual_seed(8)
+    outl = torch.randn(130, 4, generator=g) @ torch.randn(4, 40, generator=g) * 0.1
+    outl[torch.tensor([3, 77, 101, 129]), 5] += 3000.0
+    dups = _points(130, 24, "dups", seed=4)
+    dups[30:100] = dups[29]
+    cases = [("manifold", _points(130, 40, "manifold", seed=6), (1, 2, 5, 17, 64)),
+             ("dups", dups, (64,)), ("outliers", outl, (64,)),
+             ("bf16", _points(100, 33, "manifold", seed=7).bfloat16(), (17,))]
+    for name, x, ks in cases:
+        for k in ks:
+            dist, idx = gelora.knn(x, k, backend="triton")
+            ref, _ = gelora.knn_reference(x, k)
+            assert_knn_match(x, dist, idx, rtol=1e-5, atol=1e-5 * float(ref.max()) + 1e-6)
+    x = cases[0][1]
+    assert torch.equal(gelora.knn(x, 2, backend="triton")[1], gelora.knn2(x, backend="triton")[1])
+
+
 def _check_candidates_and_bound():
     """triton_candidates (operand rounding, chunking, the error bound) for fp16, tf32 and ieee tiles:
     the candidates are the exact kc nearest up to the bound, every non-candidate is at least
@@ -352,12 +411,16 @@ def _check_compiles_for_hopper(configs=None):
     from gelora.kernels import knn_top2 as k
 
     configs = configs or [(k.HOPPER_CONFIGS[0], "fp16", "ieee"), (k.HOPPER_CONFIGS_F32[0], "fp32", "tf32")]
-    for cfg, dtype, prec in configs:
+    for cfg, dtype, prec, *kc in configs:
+        kc = kc[0] if kc else 4
         for sym in (False, True):
-            ptx, report = _compile_hopper(cfg, dtype, sym, prec)
-            what = f"{cfg} {dtype}/{prec} symmetric={sym}"
-            if prec == "tf32" or dtype != "fp32":
+            ptx, report = _compile_hopper(cfg, dtype, sym, prec, kc=kc)
+            what = f"{cfg} {dtype}/{prec} kc={kc} symmetric={sym}"
+            # wgmma takes 64 rows per warpgroup: the 32-row tiles of long lists run on mma.sync
+            if (prec == "tf32" or dtype != "fp32") and cfg.block_m >= 64:
                 assert "wgmma" in ptx, f"{what}: no wgmma in the PTX"
+            elif prec == "tf32" or dtype != "fp32":
+                assert "mma" in ptx, f"{what}: no tensor-core instruction in the PTX"
             if report:
                 assert "error" not in report.lower(), report
                 if cfg == k.HOPPER_CONFIGS[0]:
@@ -371,6 +434,9 @@ def _check_compiles_for_hopper_all():
     configs = [(c, "fp16", "ieee") for c in k.HOPPER_CONFIGS] + [(c, "bf16", "ieee") for c in k.HOPPER_CONFIGS[:1]]
     configs += [(c, "fp32", "tf32") for c in k.HOPPER_CONFIGS_F32] + [(k.IEEE_CONFIG, "fp32", "ieee"),
                                                                        (k.FALLBACK_CONFIG, "fp16", "ieee")]
+    # long candidate lists (k = 64 plus two extra): the narrow tiles compile (with some spills at KCP = 128)
+    configs += [(c, "fp16", "ieee", 66) for c in k.LARGE_KC_CONFIGS]
+    configs += [(k.LARGE_KC_CONFIGS_F32[0], "fp32", "tf32", 66)]
     _check_compiles_for_hopper(configs)
 
 
@@ -400,6 +466,25 @@ def test_every_config_compiles_for_hopper():
 def test_kernel_self_search():
     _needs_triton()
     _interpret("_check_kernel_self")
+
+
+@pytest.mark.interpreter
+def test_kernel_large_kc():
+    _needs_triton()
+    _interpret("_check_kernel_large_kc")
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+def test_kernel_large_kc_full():
+    _needs_triton()
+    _interpret("_check_kernel_large_kc_full")
+
+
+@pytest.mark.interpreter
+def test_knn_k_up_to_64():
+    _needs_triton()
+    _interpret("_check_knn_k")
 
 
 @pytest.mark.interpreter
@@ -479,8 +564,8 @@ def test_launcher_rejects_bad_arguments():
 
     with pytest.raises(ValueError, match="kc"):
         knn_top2(torch.zeros(4, 4), 0)
-    with pytest.raises(ValueError, match="kc"):
-        knn_top2(torch.zeros(4, 4), 65)
+    with pytest.raises(ValueError, match=r"kc must be an integer in \[1, 128\]"):
+        knn_top2(torch.zeros(4, 4), 129)
 
 
 def test_error_bound_grows_with_distance_not_norm():

@@ -11,7 +11,7 @@ import torch
 
 from ..neighbours.engines.registry import select_backend
 from ..neighbours.inputs import ArrayLike, as_points, check_points, power_of_two_scale
-from ..neighbours.pipeline import knn2
+from ..neighbours.pipeline import knn
 from .dedup import hash_coef, unique_rows
 
 
@@ -73,7 +73,7 @@ def knn_distinct(points: torch.Tensor, k: int, backend: Optional[str]):
     dist (M, k) float32 ascending, idx (M, k) int64, self excluded by index. The one place the
     estimators call the kNN search."""
     name = select_backend(points, backend, k=k).name
-    dist, idx = knn2(points, k=k, backend=name)
+    dist, idx = knn(points, k, backend=name)
     return dist, idx, name
 
 
@@ -97,7 +97,7 @@ def search_k(
 
     Raises:
         ValueError: NaN/Inf, fewer than 3 (distinct) points, ``k`` not an int >= 1 or not below the
-            number of (distinct) points; and what :func:`gelora.knn2` raises.
+            number of (distinct) points; and what :func:`gelora.knn` raises.
     """
     if not callable(k):
         check_int(k, "k", 1)

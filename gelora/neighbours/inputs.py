@@ -56,6 +56,7 @@ def as_points(
     name: str = "x",
     check_finite: bool = True,
     min_points: int = 3,
+    need: Optional[str] = None,
 ) -> torch.Tensor:
     """Return the point set of ``x`` as a 2-D floating tensor.
 
@@ -66,6 +67,8 @@ def as_points(
             0/1 integers is accepted too). Padding tokens are dropped before anything else.
         check_finite: reject NaN/Inf (one reduction over the data).
         min_points: fewest points the caller can work with.
+        need: what needs them, for the error message (``"{m}"`` stands for ``min_points``); default:
+            TwoNN's two neighbours per point.
 
     Returns:
         (N', D) tensor with the dtype and device of ``x`` (a view where no mask is given).
@@ -108,12 +111,32 @@ def as_points(
         t = t[keep]
     n = t.shape[0]
     if n < min_points:
-        raise ValueError(
-            f"{name}: {n} usable point(s); TwoNN needs at least {min_points} (two neighbours per point)"
-        )
+        need = need or "TwoNN needs at least {m} (two neighbours per point)"
+        raise ValueError(f"{name}: {n} usable point(s); " + need.format(m=min_points))
     if check_finite:
         check_points(t, name)
     return t
+
+
+def check_k(k, name: str = "k") -> int:
+    """``k`` as a Python int after checking it is a number of neighbours: an integer (Python or numpy,
+    not a bool) of at least 1. Whether there are more than ``k`` points is checked with the points
+    (:func:`k_points_need`).
+
+    Raises:
+        TypeError: ``k`` is not an integer. ValueError: ``k < 1``.
+    """
+    if isinstance(k, (bool, np.bool_)) or not isinstance(k, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer number of neighbours, got {k!r} ({type(k).__name__})")
+    k = int(k)
+    if k < 1:
+        raise ValueError(f"{name} must be at least 1 (neighbours per point), got {k}")
+    return k
+
+
+def k_points_need(k: int) -> str:
+    """The ``need`` text of :func:`as_points` for a search of ``k`` neighbours per point."""
+    return f"k={k} neighbours per point need at least {{m}} (k must be below the number of points)"
 
 
 def check_points(

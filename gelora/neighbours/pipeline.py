@@ -34,7 +34,7 @@ from ..distributed import knn2_distributed
 from .certify import uncertified_rows
 from .engines.base import KnnBackend
 from .engines.registry import select_backend
-from .inputs import ArrayLike, as_points, power_of_two_scale, unscale_distances
+from .inputs import ArrayLike, as_points, check_k, k_points_need, power_of_two_scale, unscale_distances
 from .points import centre_and_mean
 from .reference import norm_shell_rows, reference_rows
 
@@ -51,7 +51,10 @@ def knn_exact(
 
     Args:
         xc: (N, D) centred points (:func:`centre_and_mean`), float32 (float64 for float64 points).
-        k: neighbours per row. engine: the candidate engine.
+        k: neighbours per row, ``1 <= k <= N - 1`` and at most the engine's ``max_candidates``.
+        engine: the candidate engine; it is asked for ``kc`` = :meth:`KnnBackend.candidates_for`
+            candidates, ``k`` plus its extra ones where it can keep them. The certificate compares the
+            k-th re-ranked distance with the kc-th candidate value, so it holds for any ``kc >= k``.
         points: (N, D) the points as given (any float dtype, the device of ``xc``; converted exactly
             to the dtype of ``xc`` a chunk at a time, float32 and float64 not copied): the distances
             returned are theirs, with one rounding per term. None: ``xc`` itself (nothing centred).
@@ -67,7 +70,7 @@ def knn_exact(
     centred = points is not None and points is not xc
     if points is None:
         points = xc
-    kc = min(n - 1, k + engine.extra_candidates)
+    kc = engine.candidates_for(k, n)
     cand_d2, cand_idx, err, sq = engine.search(xc, kc)
     exact = engine.rerank(points if points.dtype == xc.dtype else points.to(xc.dtype), cand_idx)
     exact, order = torch.sort(exact, dim=1, stable=True)
@@ -100,6 +103,57 @@ def knn_exact(
     return dist, idx, n_fixed
 
 
+def knn(
+    x: ArrayLike,
+    k: int,
+    *,
+    backend: Optional[str] = None,
+    mask: Optional[ArrayLike] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Exact k nearest neighbours of every row of ``x`` among the other rows.
+
+    The engine proposes candidates, which are re-ranked with directly computed distances and certified
+    per row; rows the certificate cannot vouch for are searched again exactly (:func:`knn_exact`), so
+    the answer does not depend on the engine's rounding.
+
+    Args:
+        x: (N, D) or (B, T, D) tensor/array (float16, bfloat16, float32, float64; any device a backend
+            supports). (B, T, D) is flattened to tokens.
+        k: neighbours per row, an integer with ``1 <= k <= N - 1``. Every engine serves k up to its
+            ``max_candidates`` (Triton: :data:`gelora.neighbours.engines.triton.MAX_KC`; the C++ core,
+            FAISS and torch: no practical limit); automatic selection skips an engine that cannot,
+            and a forced one raises with its limit.
+        backend: force ``"triton"``, ``"cpp"``, ``"faiss"`` or ``"torch"``; default: the first usable.
+        mask: optional boolean (B, T) token mask (True keeps a token).
+
+    Returns:
+        dist: (N, k) float32 Euclidean distances (not squared), ascending per row, in the units of ``x``.
+            Points far from 1 (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of
+            two (exact; :func:`gelora.neighbours.inputs.power_of_two_scale`) and the distances scaled
+            back in float64: one beyond float32's range comes back ``inf`` (above ~3.4e38) or
+            subnormal/0 (below ~1.2e-38); ``idx`` is exact either way.
+        idx: (N, k) int64 neighbour indices (into the masked, flattened points). A point is never its
+            own neighbour (excluded by index, not by distance): a duplicate of it is a neighbour at
+            distance 0, so duplicates count as points here (k needs more points, not more distinct
+            ones; an estimator that collapses duplicates checks the distinct count itself). Among
+            equal distances the order of the indices is unspecified.
+
+    Raises:
+        TypeError: ``k`` is not an integer (a bool or a float is not one).
+        ValueError: ``k < 1``, ``k >= N``, NaN/Inf in ``x``, or bad shapes (:func:`as_points`).
+        gelora.BackendUnavailable: the forced engine cannot run here or cannot keep ``k`` candidates.
+    """
+    k = check_k(k)
+    xt = as_points(x, mask, min_points=k + 1, need=k_points_need(k))
+    engine = select_backend(xt, backend, k=k)
+    scale = power_of_two_scale(xt)
+    if scale != 1.0:
+        xt = xt * scale
+    xc, mean = centre_and_mean(xt, compute_dtype(xt))
+    dist, idx, _ = knn_exact(xc, k, engine, points=xt, mean=mean)
+    return unscale_distances(dist, scale).float(), idx
+
+
 def knn2(
     x: ArrayLike,
     *,
@@ -108,40 +162,23 @@ def knn2(
     mask: Optional[ArrayLike] = None,
     group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Exact nearest neighbours of every row of ``x`` among the other rows.
+    """Exact nearest neighbours of every row of ``x`` among the other rows: :func:`knn` with ``k = 2``
+    (TwoNN's two) by default, and the distributed search over a process group.
 
     Args:
-        x: (N, D) or (B, T, D) tensor/array (float16, bfloat16, float32, float64; any device a backend
-            supports). (B, T, D) is flattened to tokens.
-        k: neighbours per row (2 for TwoNN).
-        backend: force ``"triton"``, ``"cpp"``, ``"faiss"`` or ``"torch"``; default: the first usable.
-        mask: optional boolean (B, T) token mask (True keeps a token).
+        x, k, backend, mask: as for :func:`knn`.
         group: a ``torch.distributed`` process group (``True``: the default group): ``x`` is this rank's
             shard and indices are global (see :func:`gelora.distributed.knn2_distributed`).
 
     Returns:
-        dist: (N, k) float32 Euclidean distances (not squared), ascending per row, in the units of ``x``.
-            Points far from 1 (``max|x|`` outside ``[2^-32, 2^32)``) are searched scaled by a power of
-            two (exact; :func:`gelora.neighbours.inputs.power_of_two_scale`) and the distances scaled back in
-            float64: one beyond float32's range comes back ``inf`` (above ~3.4e38) or subnormal/0
-            (below ~1.2e-38); ``idx`` is exact either way.
-        idx: (N, k) int64 neighbour indices (into the masked, flattened points). A point is never its
-            own neighbour (excluded by index, not by distance: a duplicate is a neighbour at 0).
+        dist: (N, k) float32 distances, ascending; idx: (N, k) int64 indices (see :func:`knn`).
     """
-    if not isinstance(k, int) or k < 1:
-        raise ValueError(f"k must be a positive integer, got {k!r}")
+    k = check_k(k)
     if group is not None and group is not False:
         if mask is not None:
             x = as_points(x, mask, min_points=1)
         return knn2_distributed(x, k=k, group=None if group is True else group, backend=backend)
-    xt = as_points(x, mask, min_points=k + 1)
-    engine = select_backend(xt, backend, k=k)
-    scale = power_of_two_scale(xt)
-    if scale != 1.0:
-        xt = xt * scale
-    xc, mean = centre_and_mean(xt, compute_dtype(xt))
-    dist, idx, _ = knn_exact(xc, k, engine, points=xt, mean=mean)
-    return unscale_distances(dist, scale).float(), idx
+    return knn(x, k, backend=backend, mask=mask)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:

@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 
 from .certify import float64_floor
-from .inputs import ArrayLike, as_points, power_of_two_scale, unscale_distances
+from .inputs import ArrayLike, as_points, check_k, k_points_need, power_of_two_scale, unscale_distances
 from .points import chunk_bytes, column_mean, direct_sq_dist
 
 #: Extra candidates per row beyond k for the re-rank (a wider net makes certification failures rarer).
@@ -60,7 +60,8 @@ def knn_reference(x: ArrayLike, k: int = 2) -> Tuple[torch.Tensor, torch.Tensor]
         comfortable range are searched scaled by a power of two (:func:`power_of_two_scale`, exact);
         the distances are scaled back, so a distance beyond float64's range is ``inf`` or subnormal.
     """
-    xt = as_points(x, min_points=k + 1)
+    k = check_k(k)
+    xt = as_points(x, min_points=k + 1, need=k_points_need(k))
     scale = power_of_two_scale(xt, torch.float64)
     if scale != 1.0:
         xt = xt * scale

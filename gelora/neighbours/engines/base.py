@@ -33,8 +33,31 @@ class KnnBackend:
     description: str = ""
     #: Candidates per row beyond k that the pipeline asks for (more: fewer float64 fallbacks).
     extra_candidates: int = 2
-    #: The largest ``kc`` :meth:`search` supports (the Triton kernel keeps its candidates in registers).
+    #: The largest ``kc`` :meth:`search` supports (the Triton kernel keeps its candidates in registers),
+    #: and so the largest k the engine serves (:meth:`candidates_for`).
     max_candidates: int = 1 << 30
+
+    def candidates_for(self, k: int, n: int) -> int:
+        """How many candidates per row the pipeline asks for when it needs ``k`` neighbours among ``n``
+        points: ``k`` plus :attr:`extra_candidates`, at most ``n - 1`` and at most
+        :attr:`max_candidates`. Near the cap ``kc`` may be as small as ``k``: the certificate compares the
+        k-th re-ranked distance with the kc-th candidate value whatever kc is, so it still holds; rows it
+        cannot certify then go to the exact fallback more often.
+
+        Raises:
+            ValueError: ``k`` is above :attr:`max_candidates` (the reasons of :meth:`k_reasons`).
+        """
+        reasons = self.k_reasons(k)
+        if reasons:
+            raise ValueError(f"{self.name}: " + "; ".join(reasons))
+        return min(n - 1, k + self.extra_candidates, self.max_candidates)
+
+    def k_reasons(self, k: int) -> List[str]:
+        """Reasons this engine cannot give ``k`` neighbours per row (empty when it can)."""
+        if k > self.max_candidates:
+            return [f"the {self.name} engine keeps at most {self.max_candidates} candidates per row, so k <= "
+                    f"{self.max_candidates}; k={k} asked"]
+        return []
 
     def __init__(self) -> None:
         self._avail: Optional[List[str]] = None
@@ -55,15 +78,16 @@ class KnnBackend:
                 self._avail = [f"availability check failed: {exc!r}"]
         return self._avail
 
-    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False) -> List[str]:
+    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False, *, k: Optional[int] = None) -> List[str]:
         """Reasons this backend cannot handle ``x`` (empty list when it can).
 
         ``forced``: the user named this backend; an engine may then accept inputs it would not be
-        picked for automatically (the Triton engine streams a CPU tensor through the GPU)."""
+        picked for automatically (the Triton engine streams a CPU tensor through the GPU).
+        ``k``: neighbours per row the job needs (:meth:`k_reasons`); None: not checked."""
         reasons = self.availability_reasons()
         if reasons:
             return list(reasons)
-        return list(self._input_reasons(x))
+        return list(self._input_reasons(x)) + ([] if k is None else self.k_reasons(k))
 
     # -- work ----------------------------------------------------------------------------------
     def search(self, x: torch.Tensor, kc: int) -> "Candidates":

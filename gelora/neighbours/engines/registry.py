@@ -44,19 +44,19 @@ def select_backend(
 
     Args:
         need: capabilities the job needs besides searching ``x``: ``"cross"`` (the distributed ring).
-        k: neighbours per row the job asks for; an engine that cannot keep ``k`` plus its extra
-            candidates per row (:attr:`KnnBackend.max_candidates`) is not usable for it.
+        k: neighbours per row the job asks for; an engine that cannot keep ``k`` candidates per row
+            (:attr:`KnnBackend.max_candidates`, :meth:`KnnBackend.k_reasons`) is skipped, or refused
+            with its limit when forced. One that keeps ``k`` but not all of its extra candidates runs
+            with fewer (:meth:`KnnBackend.candidates_for`).
 
     Raises:
         BackendUnavailable: the forced engine cannot run on ``x`` (or lacks a needed capability), or
             no engine can.
     """
     def reasons_of(b: KnnBackend, forced: bool) -> List[str]:
-        r = b.not_supported_reasons(x, forced=forced)
+        r = b.not_supported_reasons(x, forced=forced, k=k)
         if not r and "cross" in need:
             r = b.cross_reasons()
-        if not r and k is not None and k + b.extra_candidates > b.max_candidates:
-            r = [f"keeps at most {b.max_candidates} candidates per row; k={k} needs {k + b.extra_candidates}"]
         return r
 
     return KNN.select(reasons_of, backend)

@@ -73,8 +73,11 @@ FP16_TOP = 14
 #: copies of the block, ~2 GB at 65536 x 4096 on a GPU).
 STATS_ROWS = 16384
 STATS_ROWS_CUDA = 65536
-#: Largest candidate count the kernel keeps in registers; beyond it the torch engine is used.
-MAX_KC = 64
+#: Largest candidate count the kernel keeps in registers (``gelora.kernels.knn_top2.MAX_KC``, repeated
+#: here so that the engine's limit is known without importing Triton): k up to 126 gets the two extra
+#: candidates, k = 127 and 128 fewer (:meth:`KnnBackend.candidates_for`); above it selection skips
+#: this engine and a forced one raises.
+MAX_KC = 128
 #: Self-searches at least this large tune the tile shape first (a few seconds, once per shape).
 TUNE_MIN_ROWS = 65536
 
@@ -279,7 +282,7 @@ def triton_candidates(
     Args:
         x: (N, D) float32/float64 centred points on CUDA (CPU: streamed through the GPU, or run in
             the interpreter).
-        kc: candidates per row, ``1 <= kc <= min(N - 1, 64)``.
+        kc: candidates per row, ``1 <= kc <= min(N - 1, MAX_KC)``.
         precision: tile precision (:data:`PRECISIONS`; default :func:`default_precision`).
         symmetric: compute each pair once (default: on, ``GELORA_TRITON_SYMMETRIC=0`` turns it off).
         chunk_rows: rows per chunk (default: from free device memory).
@@ -299,7 +302,7 @@ def triton_candidates(
     resident = x.device == dev
     scale = operand_scale(x, precision)
     dot_prec = "tf32" if precision == "tf32" else "ieee"
-    cfg = config or k.default_config(dev, _OP_DTYPE[precision], dot_prec)
+    cfg = config or k.default_config(dev, _OP_DTYPE[precision], dot_prec, kc)
     align = k.GPU_ALIGN if dev.type == "cuda" else cfg.align
     dim_pad = k._round_up(d, k.K_ALIGN)
     tensor_cores = dev.type == "cuda"
@@ -450,13 +453,13 @@ class TritonBackend(KnnBackend):
             return [f"CUDA device of compute capability {major}.{minor}; the kernel needs 7.0 or newer"]
         return []
 
-    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False) -> List[str]:
+    def not_supported_reasons(self, x: torch.Tensor, forced: bool = False, *, k: Optional[int] = None) -> List[str]:
         """As :meth:`KnnBackend.not_supported_reasons`; ``forced=True`` (the backend was asked for by
         name) also accepts a CPU tensor when CUDA is there: it is streamed through the GPU."""
         reasons = self.availability_reasons()
         if reasons:
             return list(reasons)
-        return self._reasons(x, forced)
+        return self._reasons(x, forced) + ([] if k is None else self.k_reasons(k))
 
     def _input_reasons(self, x: torch.Tensor) -> List[str]:
         return self._reasons(x, False)
