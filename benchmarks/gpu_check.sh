@@ -31,11 +31,12 @@
 # STAGES, most important first, each under its own `timeout` (seconds; the limit of a stage is cut to the
 # time left before 475 s) so that a hang or an overrun cannot take the later stages with it:
 #   0 setup          55  nvidia-smi, ncu's path, pip install (limit 35), versions and engines (limit 20)
-#   1a knn tests     60  pytest -m gpu tests/test_gpu.py (40 s per test when pytest-timeout is installed):
+#   1a knn tests     75  pytest -m gpu tests/test_gpu.py + the GRIDE CUDA test (40 s per test with pytest-timeout):
 #                        the Triton kNN engine against float64 brute force on every point set with a
 #                        duplicated row, with massive-activation rows (one coordinate +3000, one of them
 #                        repeated like a first token), fp16/bf16/tf32/ieee tiles, chunked, streamed from
-#                        pinned memory, symmetric runs deterministic, the exact pipeline end to end
+#                        pinned memory, symmetric runs deterministic, the exact pipeline end to end;
+#                        gelora.knn at k = 17 and 64 (the narrow-tile variants); GRIDE and MLE-k on CUDA
 #   1b lora tests    45  pytest -m gpu tests/test_lora.py with GELORA_LORA_TUNE=0 (one tile config per kernel):
 #                        the fused LoRA layers against PEFT's eager formula and float64, bf16/fp16/fp32
 #                        (fp32 IEEE tiles compile slowly, ~10 s each: the limit may cut this run short; the
@@ -52,7 +53,7 @@
 #   4 profile      rest  benchmarks/profile_speed.py: a random Llama-2-7B-shaped model (32 blocks, hidden
 #                        4096, bf16, from a LlamaConfig), gelora.profile_model over 100k random-id tokens per
 #                        layer, time split forward / TwoNN (goal <= 180 s); all the time left before 475 s:
-#                        at least 100 s if every stage before it used its whole limit (55+60+45+145+70 s),
+#                        at least 85 s if every stage before it used its whole limit (55+75+45+145+70 s),
 #                        230 s if they took 245 s in all
 #   summary           5  the table
 # The Triton kNN tile config is pinned for every stage (GELORA_TRITON_AUTOTUNE=0: the first candidate of
@@ -161,7 +162,8 @@ if want 1; then
   "$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST_ARGS+=(--timeout 40)
   STAGE_LOG="$OUT/pytest_gpu.log"
   echo "=== pytest knn" >>"$STAGE_LOG"
-  stage "1a knn tests" "$(limit 60)" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_gpu.py
+  stage "1a knn tests" "$(limit 75)" "$PY" -m pytest "${PYTEST_ARGS[@]}" tests/test_gpu.py \
+    tests/test_gride.py::test_cuda_points_give_the_cpu_curve
   "$PY" benchmarks/_gpu_check.py pytest "$STAGE_LOG" knn
   if [ "$SMOKE" = 1 ]; then
     # every test skips without CUDA, and collecting tests/test_lora.py (peft) alone takes ~10 s

@@ -174,3 +174,18 @@ def test_large_bf16_rarely_falls_back():
     r = gelora.twonn(x, backend="triton")
     assert r.n_fixed <= 200, r.n_fixed  # at most 0.1% of rows recomputed in float64
     assert 4.0 < r.id < 12.0, r.id
+
+
+@pytest.mark.parametrize("kind", ["manifold", "massive"])
+@pytest.mark.parametrize("k", [17, 64])
+def test_large_k_on_device(k, kind):
+    """gelora.knn at GRIDE's k = 64 (66 candidates: the narrow-tile kernel variants, compiled for this GPU)
+    against the float64 brute force, tie-aware, in bf16 and float32."""
+    import gelora
+    from gelora.testing import assert_knn_match
+
+    for dtype in (torch.bfloat16, torch.float32):
+        x = _points(3000, 384, kind, dtype=dtype, seed=4)
+        dist, idx = gelora.knn(x, k, backend="triton")
+        assert dist.shape == (3000, k) and dist.device.type == "cuda"
+        assert_knn_match(x.double().cpu(), dist.cpu(), idx.cpu())
