@@ -203,7 +203,7 @@ def _knn_sharded(g: _Group, xt: torch.Tensor, xc: torch.Tensor, mean: torch.Tens
     offsets = [sum(sizes[:r]) for r in range(g.world)]
     my_off = offsets[g.rank]
     total = sum(sizes)
-    kc = min(total - 1, k + engine.extra_candidates)
+    kc = engine.candidates_for(k, total)
     cdt = xc.dtype
     m_c = mean.to(device=xc.device, dtype=cdt)
     # one bound on |value| for all ranks: engines that round their operands (the Triton tiles) then
@@ -359,7 +359,7 @@ def _float64_rows(g: _Group, xt: torch.Tensor, mean: torch.Tensor, rows: torch.T
     return best_d, best_i
 
 
-def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> KnnBackend:
+def _select(g: _Group, xt: torch.Tensor, backend: Optional[str], k: int) -> KnnBackend:
     """The engine of the ring, the same on every rank: the forced one, else the first that can search this
     rank's shard and cross-search others (:func:`gelora.neighbours.engines.select_backend` with
     ``need=("cross",)``). A forced engine that cannot, or ranks that would pick different engines,
@@ -367,7 +367,7 @@ def _select(g: _Group, xt: torch.Tensor, backend: Optional[str]) -> KnnBackend:
     error = None
     engine = None
     try:
-        engine = select_backend(xt, backend, need=("cross",))
+        engine = select_backend(xt, backend, need=("cross",), k=k)
     except Exception as exc:  # noqa: BLE001 - re-raised below, on every rank
         error = exc
     g.agree(error)
@@ -436,7 +436,7 @@ def knn2_distributed(
     total = sum(sizes)
     if total < k + 1:
         raise ValueError(f"x: {total} point(s) over all ranks; k={k} needs at least {k + 1}")
-    engine = _select(g, xt, backend)
+    engine = _select(g, xt, backend, k)
     scale = _agreed_scale(g, xt)
     if scale != 1.0:
         xt = xt * scale
@@ -490,7 +490,7 @@ def twonn_distributed(
     n_dup = n_points - total
     if total < 3:
         raise ValueError(f"only {total} distinct point(s) among {n_points} over all ranks; TwoNN needs at least 3")
-    engine = _select(g, xt, backend)
+    engine = _select(g, xt, backend, 2)
     xc, mean = _centre_global(g, xt, total)
     d2, _, n_fixed, used = _knn_sharded(g, xt, xc, mean, sizes, 2, engine)
     dist_all = g.all_gather_rows(d2.clamp_min(0).sqrt(), sizes)
