@@ -202,7 +202,7 @@ def test_triton_limit_matches_kernel():
     from gelora.neighbours.engines.triton import MAX_KC, TritonBackend
 
     assert TritonBackend.max_candidates == MAX_KC
-    assert TritonBackend().candidates_for(64, 10_000) == 72  # k // 8 extra at large k
+    assert TritonBackend().candidates_for(64, 10_000) == 68  # k // 16 extra at large k
     assert TritonBackend().candidates_for(2, 10_000) == 4 and TritonBackend().candidates_for(17, 10_000) == 19
     assert TritonBackend().candidates_for(MAX_KC - 3, 10_000) == MAX_KC  # capped: fewer extra, still exact
     assert TritonBackend().k_reasons(MAX_KC + 1)

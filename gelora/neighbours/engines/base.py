@@ -32,7 +32,7 @@ class KnnBackend:
     name: str = "?"
     description: str = ""
     #: Candidates per row beyond k that the pipeline asks for at small k (more: fewer float64 fallbacks);
-    #: at large k it asks for k // 8 (:meth:`candidates_for`).
+    #: at large k it asks for k // 16 (:meth:`candidates_for`).
     extra_candidates: int = 2
     #: The largest ``kc`` :meth:`search` supports (the Triton kernel keeps its candidates in registers),
     #: and so the largest k the engine serves (:meth:`candidates_for`).
@@ -45,11 +45,12 @@ class KnnBackend:
         k-th re-ranked distance with the kc-th candidate value whatever kc is, so it still holds; rows it
         cannot certify then go to the exact fallback more often.
 
-        The extra candidates are ``max(extra_candidates, k // 8)``: a row is certified when the gap between
+        The extra candidates are ``max(extra_candidates, k // 16)``: a row is certified when the gap between
         its k-th and kc-th distances exceeds the engine's error bound, and at large k the neighbour
-        distances are dense. On SmolLM2-135M block 12 (7,731 distinct tokens x 576), k = 64 with 2 extra
-        candidates sent 1,205 rows to the fallback (0.67 s, cpp engine, 2 threads); with 8, 10 rows
-        (0.44 s). TwoNN's k = 2 keeps its 2.
+        distances are dense. GRIDE's k = 64 on SmolLM2-135M block 12 (7,731 distinct tokens x 576, cpp
+        engine, 2 threads): 2 extra candidates sent 1,205 rows to the fallback (gride 0.81 s), 4 send 10
+        (0.59 s), 8 send 10 (0.54 s); on a 20k x 768 manifold, where 2 suffice, 4 and 8 cost 2% and 6% more
+        (medians of 3). TwoNN's k = 2 keeps its 2.
 
         Raises:
             ValueError: ``k`` is above :attr:`max_candidates` (the reasons of :meth:`k_reasons`).
@@ -57,7 +58,7 @@ class KnnBackend:
         reasons = self.k_reasons(k)
         if reasons:
             raise ValueError(f"{self.name}: " + "; ".join(reasons))
-        return min(n - 1, k + max(self.extra_candidates, k // 8), self.max_candidates)
+        return min(n - 1, k + max(self.extra_candidates, k // 16), self.max_candidates)
 
     def k_reasons(self, k: int) -> List[str]:
         """Reasons this engine cannot give ``k`` neighbours per row (empty when it can)."""
