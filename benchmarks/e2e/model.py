@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -121,22 +120,6 @@ def collate(examples: Sequence[Encoded], labels: Optional[Sequence[Any]] = None,
     out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
     if labels is not None:
         out["labels"] = torch.tensor(list(labels), dtype=torch.float32 if regression else torch.long)
-    return out
-
-
-def batch_order(n: int, batch_size: int, steps: int, seed: int) -> List[List[int]]:
-    """Indices of ``steps`` training batches: seeded reshuffles of ``range(n)``, epoch after epoch
-    (the same for every method of a seed)."""
-    rng = random.Random(20_000 + seed)
-    out: List[List[int]] = []
-    perm: List[int] = []
-    while len(out) < steps:
-        if len(perm) < batch_size:
-            nxt = list(range(n))
-            rng.shuffle(nxt)
-            perm = perm + nxt
-        out.append(perm[:batch_size])
-        perm = perm[batch_size:]
     return out
 
 

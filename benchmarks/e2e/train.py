@@ -2,7 +2,7 @@
 
 The same for every method: AdamW (no weight decay) on the trainable parameters, linear warm-up over
 ``warmup`` of the steps then linear decay to 0, gradient clipping at ``clip``, the encoder's own dropout
-(0.1) on, float32, the seeded batch order of :func:`model.batch_order` and the head initialised from the
+(0.1) on, float32, the seeded batch order of :func:`e2e_quality.batch_order` and the head initialised from the
 seed (so every method of a seed sees the same batches and starts from the same head). AdaLoRA calls
 ``update_and_allocate`` after every optimiser step (timed apart from training).
 
@@ -44,7 +44,9 @@ def train(model, task, data: Dict[str, Any], *, steps: int, lr: float, seed: int
     """Train ``steps`` steps; ``on_eval(step)`` after every ``every`` steps and after the last one."""
     import torch
 
-    from .model import batch_order, collate
+    from e2e_quality import batch_order  # the single-task benchmark's seeded order, the same batches
+
+    from .model import collate
 
     regression = task.kind == "regression"
     params = [p for p in model.parameters() if p.requires_grad]
