@@ -416,7 +416,9 @@ def test_twonn_known_dimension():
     res = gelora.twonn(x, backend="cpp")
     ref = gelora.twonn(x, backend="torch")
     assert res.backend == "cpp" and res.n_fixed == 0
-    assert abs(res.id - ref.id) < 1e-9 * ref.id
+    # same neighbours; the float32 direct distances differ in summation order (and FMA contraction):
+    # each within ~D u of the exact one, so each log ratio within ~2 D u (~8e-6), the mean far less
+    assert abs(res.id - ref.id) < 1e-6 * ref.id
     assert 4.5 < res.id < 5.5
 
 
