@@ -11,7 +11,7 @@ import torch
 
 from ..neighbours.engines.registry import select_backend
 from ..neighbours.inputs import ArrayLike, as_points, check_points, power_of_two_scale
-from ..neighbours.pipeline import knn
+from ..neighbours.pipeline import knn_checked
 from .dedup import hash_coef, unique_rows
 
 
@@ -72,9 +72,9 @@ def knn_distinct(points: torch.Tensor, k: int, backend: Optional[str]):
     """Exact k nearest neighbours of prepared points (:func:`distinct_points`): ``(dist, idx, engine)``,
     dist (M, k) float32 ascending, idx (M, k) int64, self excluded by index. The one place the
     estimators call the kNN search."""
-    name = select_backend(points, backend, k=k).name
-    dist, idx = knn(points, k, backend=name)
-    return dist, idx, name
+    engine = select_backend(points, backend, k=k)
+    dist, idx = knn_checked(points, k, engine)
+    return dist.float(), idx, engine.name
 
 
 def search_k(

@@ -149,9 +149,22 @@ def knn(
     scale = power_of_two_scale(xt)
     if scale != 1.0:
         xt = xt * scale
+    dist, idx = knn_checked(xt, k, engine)
+    return unscale_distances(dist, scale).float(), idx
+
+
+def knn_checked(xt: torch.Tensor, k: int, engine: KnnBackend) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`knn` of points that are already checked (finite, ``1 <= k < N``) and in range
+    (:func:`power_of_two_scale` is 1 for them): centred, searched by ``engine`` and certified
+    (:func:`knn_exact`). For callers that prepared the points themselves (the estimators of
+    :mod:`gelora.id`), so that the points are not read again for checks they passed.
+
+    Returns:
+        dist: (N, k) Euclidean distances (float32; float64 for float64 points), ascending; idx: (N, k).
+    """
     xc, mean = centre_and_mean(xt, compute_dtype(xt))
     dist, idx, _ = knn_exact(xc, k, engine, points=xt, mean=mean)
-    return unscale_distances(dist, scale).float(), idx
+    return dist, idx
 
 
 def knn2(
