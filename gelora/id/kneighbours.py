@@ -48,13 +48,14 @@ def distinct_points(x: ArrayLike, *, dedup: bool, mask: Optional[ArrayLike], wha
     two that keeps float32 distances in range, duplicates collapsed when ``dedup``.
 
     Returns:
-        (points, keep, n_points, n_duplicates, scale).
+        (points, keep, n_points, n_duplicates, scale, mean): ``mean`` the (D,) float64 column mean of
+        the returned points when the finiteness pass gave it and no row was dropped, else None.
     """
     xt = as_points(x, mask, check_finite=False, min_points=1)
     scale = power_of_two_scale(xt)  # 1.0 for NaN/Inf, which check_points rejects
     if scale != 1.0:
         xt = xt * scale
-    hashes, _ = check_points(xt, coef=hash_coef(xt.shape[1]) if dedup else None)
+    hashes, mean = check_points(xt, coef=hash_coef(xt.shape[1]) if dedup else None)
     n_points = xt.shape[0]
     keep = torch.arange(n_points, device=xt.device)
     n_dup = 0
@@ -62,18 +63,19 @@ def distinct_points(x: ArrayLike, *, dedup: bool, mask: Optional[ArrayLike], wha
         keep, n_dup = unique_rows(xt, hashes)
         if n_dup:
             xt = xt[keep]
+            mean = None
     if xt.shape[0] < 3:
         kind = "distinct " if dedup else ""
         raise ValueError(f"{what}: only {xt.shape[0]} {kind}point(s) among {n_points}; need at least 3")
-    return xt, keep, n_points, int(n_dup), scale
+    return xt, keep, n_points, int(n_dup), scale, mean
 
 
-def knn_distinct(points: torch.Tensor, k: int, backend: Optional[str]):
-    """Exact k nearest neighbours of prepared points (:func:`distinct_points`): ``(dist, idx, engine)``,
-    dist (M, k) float32 ascending, idx (M, k) int64, self excluded by index. The one place the
-    estimators call the kNN search."""
+def knn_distinct(points: torch.Tensor, k: int, backend: Optional[str], mean: Optional[torch.Tensor] = None):
+    """Exact k nearest neighbours of prepared points (:func:`distinct_points`, ``mean`` its column mean
+    or None): ``(dist, idx, engine)``, dist (M, k) float32 ascending, idx (M, k) int64, self excluded
+    by index. The one place the estimators call the kNN search."""
     engine = select_backend(points, backend, k=k)
-    dist, idx = knn_checked(points, k, engine)
+    dist, idx = knn_checked(points, k, engine, mean=mean)
     return dist.float(), idx, engine.name
 
 
@@ -101,12 +103,12 @@ def search_k(
     """
     if not callable(k):
         check_int(k, "k", 1)
-    xt, keep, n_points, n_dup, scale = distinct_points(x, dedup=dedup, mask=mask, what=what)
+    xt, keep, n_points, n_dup, scale, mean = distinct_points(x, dedup=dedup, mask=mask, what=what)
     m = xt.shape[0]
     if callable(k):
         k = k(m)
     if k >= m:
         kind = "distinct " if dedup else ""
         raise ValueError(f"{what}: k={k} neighbours need at least k + 1 = {k + 1} {kind}points; got {m}")
-    dist, idx, name = knn_distinct(xt, k, backend)
+    dist, idx, name = knn_distinct(xt, k, backend, mean)
     return KNeighbours(dist, idx, keep, n_points, n_dup, name, scale)

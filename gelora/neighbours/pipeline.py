@@ -153,16 +153,19 @@ def knn(
     return unscale_distances(dist, scale).float(), idx
 
 
-def knn_checked(xt: torch.Tensor, k: int, engine: KnnBackend) -> Tuple[torch.Tensor, torch.Tensor]:
+def knn_checked(
+    xt: torch.Tensor, k: int, engine: KnnBackend, *, mean: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """:func:`knn` of points that are already checked (finite, ``1 <= k < N``) and in range
     (:func:`power_of_two_scale` is 1 for them): centred, searched by ``engine`` and certified
     (:func:`knn_exact`). For callers that prepared the points themselves (the estimators of
-    :mod:`gelora.id`), so that the points are not read again for checks they passed.
+    :mod:`gelora.id`), so that the points are not read again for checks they passed; ``mean``: their
+    (D,) float64 column mean when the caller has it (see :func:`centre`).
 
     Returns:
         dist: (N, k) Euclidean distances (float32; float64 for float64 points), ascending; idx: (N, k).
     """
-    xc, mean = centre_and_mean(xt, compute_dtype(xt))
+    xc, mean = centre_and_mean(xt, compute_dtype(xt), mean=mean)
     dist, idx, _ = knn_exact(xc, k, engine, points=xt, mean=mean)
     return dist, idx
 
