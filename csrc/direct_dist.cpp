@@ -13,8 +13,11 @@ namespace gelora {
 namespace {
 
 constexpr int LANES = 16;
-// Candidates of a row that the visiting order follows (see visit_order).
+// Candidates of a row that the visiting order follows (see visit_order), and the most rows its stack
+// holds (512 KiB; beyond it a row's candidates are not queued and the order only loses some locality,
+// so the extra memory does not grow with the number of rows).
 constexpr int64_t ORDER_FANOUT = 4;
+constexpr size_t ORDER_STACK_MAX = size_t(1) << 16;
 
 // The loop is memory-bound on the candidate rows (each a random row of x) once it is vectorised, so an
 // x86 build also gets an AVX2/FMA clone, chosen at load time by the CPU (GCC/Clang function
@@ -71,7 +74,7 @@ std::vector<int64_t> visit_order(const int64_t* cand, int64_t m, int64_t c) {
       order.push_back(i);
       for (int64_t j = fan - 1; j >= 0; --j) {  // the nearest candidate is visited next
         const int64_t q = cand[i * c + j];
-        if (q < m && !seen[q]) stack.push_back(q);
+        if (q < m && !seen[q] && stack.size() < ORDER_STACK_MAX) stack.push_back(q);
       }
     }
   }
