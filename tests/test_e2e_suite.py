@@ -306,6 +306,28 @@ def test_report_on_a_partial_results_file(tmp_path):
         assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_before_any_main_cell_shows_the_pilot(tmp_path):
+    """With pilot cells only, the section says so and tabulates them; later the full report keeps the table."""
+    curve = [0.50, 0.70, 0.74, 0.70, 0.72]  # smoothed: 0.60, 0.6467, 0.7133, 0.72, 0.71 -> peak 0.72 at step 40
+    pil = {"phase": "pilot", "task": "snli", "lr": 1e-3, "steps": 50, "wall_s": 12.0, "key": "p",
+           "curve": [{"step": 10 * (i + 1), "acc": v, "macro_f1": v} for i, v in enumerate(curve)]}
+    rows = rep.pilot_rows([pil, {"phase": "main"}])
+    assert len(rows) == 1 and rows[0]["peak"] == pytest.approx(0.72) and rows[0]["peak_step"] == 40
+    assert rows[0]["last"] == 0.72 and rows[0]["metric"] == "acc"
+    doc = tmp_path / "page.md"
+    out = rep.report([pil], {"snli": None, "vader_movie": None}, doc=doc, png=tmp_path / "p.png",
+                     log=lambda *_: None)
+    text = doc.read_text()
+    assert "No main cell finished yet; 1 pilot cell(s) finished" in text
+    assert "`snli`: pilot not complete" in text and "| snli | 0.001 | 50 | acc 0.7200 (40) | 0.7200 | 12 |" in text
+    assert out["plot"].startswith("no plot") and not (tmp_path / "p.png").exists()
+    recs = [pil, _main_rec("snli", "r8", "uniform", 0, 0.8), _main_rec("snli", "r8", "gelora", 0, 0.81)]
+    rep.report(recs, {"snli": {"lr": 1e-3, "steps": 50, "rule": "pilot"}}, doc=doc, png=None, log=lambda *_: None)
+    text = doc.read_text()
+    assert text.count(rep.BEGIN) == 1 and "No main cell" not in text
+    assert "| snli | 0.001 | 50 | acc 0.7200 (40)" in text and "`snli`: lr 0.001, 50 steps (pilot)" in text
+
+
 # ---------------------------------------------------------------------------------------------------
 # A real run on the fixture corpora: every method on SNLI-format pairs, budget r2
 # ---------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .methods import METHODS
+from .runner import smooth
 from .tasks import get_task
 
 BEGIN, END = "<!-- e2e_suite:begin -->", "<!-- e2e_suite:end -->"
@@ -162,7 +163,52 @@ def _diff(ci: Optional[Dict[str, Any]]) -> str:
     return f"{ci['mean']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}] {verdict(ci)}"
 
 
-def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[str]) -> str:
+def pilot_rows(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per finished pilot cell (validation only), by task and learning rate: the steps it ran,
+    the highest value of its smoothed validation curve (the decision's smoothing) and the checkpoint
+    where it is, the last checkpoint's value and the cell's wall time."""
+    out = []
+    for r in records:
+        if r.get("phase") != "pilot" or not r.get("curve"):
+            continue
+        metric = get_task(r["task"]).primary
+        vals = [c[metric] for c in r["curve"]]
+        sm = smooth(vals)
+        best = max(range(len(sm)), key=lambda i: sm[i] if sm[i] == sm[i] else -math.inf)
+        out.append({"task": r["task"], "lr": r["lr"], "steps": r["steps"], "metric": metric, "peak": sm[best],
+                    "peak_step": r["curve"][best]["step"], "last": vals[-1], "wall_s": r.get("wall_s")})
+    return sorted(out, key=lambda p: (p["task"], p["lr"]))
+
+
+def pilot_markdown(rows: List[Dict[str, Any]]) -> List[str]:
+    """The pilot's table (empty without pilot cells)."""
+    if not rows:
+        return []
+    lines = ["", "### Pilot (uniform LoRA r8, seed 0, validation split only)", "",
+             "| task | lr | steps | highest smoothed val (at step) | val at the last step | wall s |",
+             "|---|---|---|---|---|---|"]
+    for p in rows:
+        wall = "-" if p["wall_s"] is None else f"{p['wall_s']:.0f}"
+        lines.append(f"| {p['task']} | {p['lr']:g} | {p['steps']} | {p['metric']} {p['peak']:.4f} "
+                     f"({p['peak_step']}) | {p['last']:.4f} | {wall} |")
+    return lines
+
+
+def _decision_lines(decisions: Dict[str, Any]) -> List[str]:
+    return [f"- `{t}`: lr {d['lr']:g}, {d['steps']} steps ({d['rule']})" if d else
+            f"- `{t}`: pilot not complete" for t, d in decisions.items()]
+
+
+def progress_markdown(records: List[Dict[str, Any]], decisions: Dict[str, Any]) -> str:
+    """The section while no main cell is finished: what the pilot has so far."""
+    rows = pilot_rows(records)
+    lines = [f"No main cell finished yet; {len(rows)} pilot cell(s) finished. The learning rate and steps "
+             "per task, once its pilot is complete:", ""]
+    return "\n".join(lines + _decision_lines(decisions) + pilot_markdown(rows))
+
+
+def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[str],
+             pilot: Sequence[Dict[str, Any]] = ()) -> str:
     """The docs section: averages, per task and budget, costs (partial results say so)."""
     lines = []
     seeds_all = sorted({s for r in summary["rows"] for s in r["seeds"]})
@@ -170,9 +216,7 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
                  "seeds of each row. Differences are paired by seed, in points, with the 95 % t interval "
                  "over the seeds; *win*/*loss*: the interval lies above/below 0, *tie*: it holds 0.")
     lines.append("")
-    for t, d in decisions.items():
-        if d:
-            lines.append(f"- `{t}`: lr {d['lr']:g}, {d['steps']} steps ({d['rule']})")
+    lines += _decision_lines(decisions)
     lines += ["", "### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task)", "",
               "| budget | method | n | score | vs uniform [95% CI] |", "|---|---|---|---|---|"]
     for r in summary["average"]:
@@ -201,6 +245,7 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
         lines.append(f"| {c['method']} | {c['cells']} | {', '.join(f'{p:,}' for p in c['lora_params'])} | "
                      f"{c['prep_s']:.1f} | {c['alloc_s']:.2f} | {c['step_s']:.3f} | {c['train_s']:.0f} | "
                      f"{c['peak_rss_mib']:.0f} / {rss_p} |")
+    lines += pilot_markdown(list(pilot))
     if png:
         lines += ["", f"![paired differences from uniform LoRA]({png})"]
     return "\n".join(lines)
@@ -263,13 +308,17 @@ def report(records: List[Dict[str, Any]], decisions: Dict[str, Any], *, doc: Opt
     """Summarise ``records``; write the plot and the docs section when paths are given; log the markdown."""
     summary = summarize(records)
     if not summary["rows"]:
-        log("no finished main cells yet")
+        text = progress_markdown(records, decisions)
+        if doc is not None:
+            write_section(doc, text)
+        log(text)
+        summary["plot"] = "no plot: no finished main cells yet"
         return summary
     err = plot(summary, png) if png else "no plot asked"
     rel = None
     if png and not err:  # the page links the plot beside it by its name
         rel = png.name if doc is not None and png.parent.resolve() == doc.parent.resolve() else str(png)
-    text = markdown(summary, decisions, rel)
+    text = markdown(summary, decisions, rel, pilot_rows(records))
     if doc is not None:
         write_section(doc, text)
     log(text)
