@@ -12,7 +12,8 @@ benchmarks/results/e2e_suite.jsonl; a rerun skips the finished cells, so the sui
     python benchmarks/e2e_suite.py --fetch        # fetch and extract the corpora once (pip, into the cache)
     python benchmarks/e2e_suite.py --dry-run      # the cells, their status, a measured estimate of the time
     python benchmarks/e2e_suite.py                # run (or resume) the suite at 1 thread
-    python benchmarks/e2e_suite.py --max-hours 8  # ... and stop after the cell that passes 8 hours
+    python benchmarks/e2e_suite.py --max-hours 8  # ... and start no cell after 8 hours
+    python benchmarks/e2e_suite.py --workers 2    # two cells at once (each its own process, 1 thread)
     python benchmarks/e2e_suite.py --report       # docs/e2e_results.md section + docs/e2e_suite.png
     python benchmarks/e2e_suite.py --quick        # smoke run: every task and method, a few steps (< 1 min)
 """
@@ -61,7 +62,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--seeds", help="comma list (default 0,1,2,3,4)")
     p.add_argument("--lr", help="task=LR,... (skips the pilot's choice for those tasks)")
     p.add_argument("--steps", help="task=N,... (with --lr for the same task: no pilot for it)")
-    p.add_argument("--threads", type=int, help="torch threads (default 1)")
+    p.add_argument("--threads", type=int, help="torch threads per cell (default 1)")
+    p.add_argument("--workers", type=int, help="cells at once, each its own process (default 1; at most the "
+                                               "free cores / threads)")
     p.add_argument("--limit", type=int, help="a seeded subset of this many examples per task")
     p.add_argument("--results", help="results file (JSON lines)")
     p.add_argument("--cache", help="corpus cache folder (default $GELORA_CACHE or ~/.cache/gelora)")
@@ -71,7 +74,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="run the cells in this process (default with --quick)")
     iso.add_argument("--isolate", dest="isolate", action="store_true",
                      help="one fresh process per cell (default: its peak RSS is its own)")
-    p.add_argument("--max-hours", type=float, help="stop after the cell that passes this many hours")
+    p.add_argument("--max-hours", type=float, help="start no cell after this many hours (running ones finish)")
     p.add_argument("--step-s", type=float, help="--dry-run: assume this step time instead of measuring")
     p.add_argument("--doc", default=str(ROOT / "docs" / "e2e_results.md"), help="--report: the page to update")
     p.add_argument("--png", default=str(ROOT / "docs" / "e2e_suite.png"), help="--report: the plot")
@@ -93,7 +96,7 @@ def config_from_args(a: argparse.Namespace) -> runner.SuiteConfig:
             d = {t: d["*"] for t in tasks}
         if d:
             kw[name] = d
-    for name in ("threads", "limit", "cache"):
+    for name in ("threads", "workers", "limit", "cache"):
         if getattr(a, name) is not None:
             kw[name] = getattr(a, name)
     kw["results"] = a.results or str(QUICK_RESULTS if a.quick else runner.DEFAULT_RESULTS)

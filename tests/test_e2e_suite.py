@@ -257,6 +257,65 @@ def test_resume_skips_finished_cells_and_survives_a_cut_line(tmp_path, monkeypat
             runner.run_suite(cfg, log=lambda *_: None)
 
 
+def test_workers_run_cells_at_once_each_once_with_shared_preparations(tmp_path, monkeypatch):
+    import threading
+    import time
+
+    calls = []
+    fake = _fake_job(calls)
+    together = threading.Barrier(3, timeout=20)  # the first three cells must be running at the same time
+    first = []
+
+    def job(cfg, j):
+        if j["kind"] == "cell" and len(first) < 3:
+            first.append(j["key"])
+            together.wait()
+        if j["kind"] == "prep":
+            time.sleep(0.05)  # cells of other methods ask for the same unit meanwhile
+        return fake(cfg, j)
+
+    monkeypatch.setattr(runner, "_job", job)
+    cfg = _cfg(tmp_path, tasks=("snli", "vader_ratings"), seeds=(0, 1), workers=3, isolate=True)
+    want = runner.pilot_cells(cfg) + runner.main_cells(cfg, {t: {"lr": 3e-3, "steps": 3} for t in cfg.tasks})
+    lines = []
+    out = runner.run_suite(cfg, log=lines.append)
+    assert out["ran"] == len(want) and out["skipped"] == 0 and not out["stopped_early"]
+    recs = runner.read_jsonl(Path(cfg.results))
+    assert len(recs) == len(want) and {r["key"] for r in recs} == {c.key for c in want}
+    assert all(r["workers"] == 3 for r in recs)
+    assert sum(j["kind"] == "prep" for j in calls) == 2 * 3  # each unit once, though asked for concurrently
+    assert len(runner.read_jsonl(Path(cfg.results).with_name("r_preps.jsonl"))) == 2 * 3
+    n_pilot = len(runner.pilot_cells(cfg))
+    assert all(r["phase"] == "pilot" for r in recs[:n_pilot])  # the pilot phase ends before the main one
+    assert sum(ln.startswith("main ") for ln in lines) == len(want) - n_pilot
+    with pytest.raises(ValueError, match="needs isolated cells"):
+        _cfg(tmp_path, workers=2)
+
+
+def test_workers_stop_on_a_failed_cell_and_at_the_deadline(tmp_path, monkeypatch):
+    calls = []
+    fake = _fake_job(calls)
+
+    def job(cfg, j):
+        if j["kind"] == "cell" and j["phase"] == "main" and j["method"] == "eva" and j["seed"] == 0:
+            raise RuntimeError("cell job eva failed (exit 1)")
+        return fake(cfg, j)
+
+    monkeypatch.setattr(runner, "_job", job)
+    cfg = _cfg(tmp_path, tasks=("snli",), seeds=(0, 1), workers=2, isolate=True)
+    n_cells = len(runner.pilot_cells(cfg)) + 2 * len(METHODS)
+    with pytest.raises(RuntimeError, match="eva failed"):
+        runner.run_suite(cfg, log=lambda *_: None)
+    recs = runner.read_jsonl(Path(cfg.results))
+    assert not any(r["method"] == "eva" and r["phase"] == "main" for r in recs)
+    assert len(recs) < n_cells - 1  # no new cell after the failure (seed 1 is not reached)
+    monkeypatch.setattr(runner, "_job", fake)
+    out = runner.run_suite(cfg, log=lambda *_: None, max_hours=0.0)
+    assert out["ran"] == 2 and out["stopped_early"]  # two were started at once; none after the deadline
+    out = runner.run_suite(cfg, log=lambda *_: None)
+    assert out["ran"] + out["skipped"] == n_cells and len(runner.read_jsonl(Path(cfg.results))) == n_cells
+
+
 # ---------------------------------------------------------------------------------------------------
 # The report, on a partial results file
 # ---------------------------------------------------------------------------------------------------

@@ -122,7 +122,9 @@ def dry_run(cfg: SuiteConfig, log=print, step_s: Optional[float] = None) -> Dict
     log(f"{len(est['rows'])} cells, {n_done} done; preparation units ~{est['prep_s'] / 60:.0f} min; pilot "
         f"~{est['pilot_s'] / 3600:.1f} h; per seed " + ", ".join(f"{s}: ~{v / 3600:.1f} h" for s, v in
                                                                   est["per_seed_s"].items()))
-    log(f"estimated time left: ~{est['total_s'] / 3600:.1f} h ({est['total_s'] / 86400:.2f} days) at "
-        f"{cfg.threads} thread(s)")
+    wall = est["total_s"] / cfg.workers
+    log(f"estimated time left: ~{est['total_s'] / 3600:.1f} h of cells at {cfg.threads} thread(s) each; with "
+        f"{cfg.workers} worker(s) ~{wall / 3600:.1f} h ({wall / 86400:.2f} days) if the machine has "
+        f"{cfg.workers * cfg.threads} free cores")
     est["measured"] = measured
     return est

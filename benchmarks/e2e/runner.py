@@ -10,6 +10,9 @@ Phases, in order:
 3. **main**: for seed in seeds: for task: head, then for budget: for method. A partial run therefore
    already compares every method on the seeds it has.
 
+With ``workers`` > 1, that many cells run at once (each in its own process with ``threads`` threads), taken
+in the same order; the pilot phase ends before the main phase starts. Records are appended as cells finish.
+
 Each cell gets a key (phase, task, budget, method, seed, learning rate, and a hash of every setting that
 changes its result); a rerun skips every cell whose key is in the results file. The preparation units
 (ID profiles, EVA's SVD) are kept in a second file (``<results>_preps.jsonl``, EVA states in
@@ -28,7 +31,9 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Tuple
@@ -71,6 +76,7 @@ class SuiteConfig:
     split_seed: int = 0
     limit: Optional[int] = None
     threads: int = 1
+    workers: int = 1  # cells at once (not part of any cell's setting)
     isolate: bool = True
     cache: Optional[str] = None
     download: bool = True
@@ -90,7 +96,7 @@ class SuiteConfig:
         for b in (*self.budgets, self.pilot_budget):
             budget_rank(b)
         for name in ("batch_size", "max_length", "eval_batch_size", "pilot_eval_every", "profile_texts",
-                     "threads"):
+                     "threads", "workers"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not self.pilot_lrs or any(not (x > 0) for x in (*self.pilot_lrs, *self.lr.values())):
@@ -100,6 +106,8 @@ class SuiteConfig:
             raise ValueError(f"every task needs positive pilot steps or --steps; missing: {missing}")
         if not (0 <= self.warmup < 1) or not (self.clip > 0):
             raise ValueError("need 0 <= warmup < 1 and clip > 0")
+        if self.workers > 1 and not self.isolate:
+            raise ValueError("workers > 1 needs isolated cells (one process per cell)")
 
     def opts(self) -> Dict[str, Any]:
         """What a cell's process needs (JSON-ready)."""
@@ -308,6 +316,18 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
     return res
 
 
+_CHILDREN: set = set()
+_CHILDREN_LOCK = threading.Lock()
+
+
+def _stop_children() -> None:
+    """Kill every running cell process (an interrupt reaches the main thread only)."""
+    with _CHILDREN_LOCK:
+        for proc in list(_CHILDREN):
+            if proc.poll() is None:
+                proc.kill()
+
+
 def _run_isolated(job: Dict[str, Any]) -> Dict[str, Any]:
     """``job`` in a fresh Python process (its peak RSS is its own); the child is stopped if we are."""
     with tempfile.TemporaryDirectory(prefix="e2e_suite_") as tmp:
@@ -318,12 +338,16 @@ def _run_isolated(job: Dict[str, Any]) -> Dict[str, Any]:
                    TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
         proc = subprocess.Popen([sys.executable, str(BENCH / "e2e_suite.py"), "--job", str(jin), "--job-out",
                                  str(jout)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with _CHILDREN_LOCK:
+            _CHILDREN.add(proc)
         try:
             out, _ = proc.communicate()
         finally:
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            with _CHILDREN_LOCK:
+                _CHILDREN.discard(proc)
         if proc.returncode != 0 or not jout.exists():
             raise RuntimeError(f"{job['kind']} job {job.get('key')} failed (exit {proc.returncode}):\n{out[-4000:]}")
         return json.loads(jout.read_text())
@@ -345,19 +369,48 @@ def _stamp(commit: Dict[str, Any]) -> Dict[str, Any]:
             "versions": {k: v.get(k) for k in ("torch", "transformers", "peft", "gelora")}}
 
 
-def ensure_prep(cfg: SuiteConfig, task: str, unit: str, budget: Optional[str], preps_path: Path,
-                preps: Dict[str, Dict[str, Any]], commit: Dict[str, Any], log) -> Dict[str, Any]:
-    """The preparation unit's record (from the preps file, or run now and appended)."""
+@dataclass
+class _Run:
+    """What the cells of one run share: the files, the records so far and the locks that guard them."""
+
+    cfg: SuiteConfig
+    results: Path
+    preps_path: Path
+    records: List[Dict[str, Any]]
+    preps: Dict[str, Dict[str, Any]]
+    commit: Dict[str, Any]
+    log: Any
+    lock: Any = field(default_factory=threading.Lock)  # records, preps, files, log
+    prep_locks: Dict[str, Any] = field(default_factory=dict)
+
+    def prep_lock(self, key: str):
+        with self.lock:
+            return self.prep_locks.setdefault(key, threading.Lock())
+
+    def append(self, path: Path, rec: Dict[str, Any], line: Optional[str] = None) -> None:
+        with self.lock:
+            append_jsonl(path, rec)
+            if line:
+                self.log(line)
+
+
+def ensure_prep(run: _Run, task: str, unit: str, budget: Optional[str]) -> Dict[str, Any]:
+    """The preparation unit's record (from the preps file, or run now and appended; once per key even
+    when two cells ask for it at the same time)."""
+    cfg = run.cfg
     key = f"{task}|{unit}|{budget or '-'}|{prep_setting(cfg, task)}"
-    if key not in preps:
-        eva = preps_path.with_name(preps_path.stem.replace("_preps", "") + "_eva") / f"{key.replace('|', '_')}.pt"
-        res = _job(cfg, {"kind": "prep", "key": key, "task": task, "unit": unit, "budget": budget,
-                         "budgets": list(cfg.budgets), "eva_path": str(eva) if unit == "eva" else None})
-        rec = {"key": key, "task": task, "unit": unit, "budget": budget, **_stamp(commit), **res}
-        append_jsonl(preps_path, rec)
-        preps[key] = rec
-        log(f"prep  {task:13s} {unit:10s} {budget or '':3s} {res['prep_s']:7.1f} s  (wall {res['wall_s']:.1f} s)")
-    return preps[key]
+    with run.prep_lock(key):
+        if key not in run.preps:
+            eva = run.preps_path.with_name(run.preps_path.stem.replace("_preps", "") + "_eva") / \
+                f"{key.replace('|', '_')}.pt"
+            res = _job(cfg, {"kind": "prep", "key": key, "task": task, "unit": unit, "budget": budget,
+                             "budgets": list(cfg.budgets), "eva_path": str(eva) if unit == "eva" else None})
+            rec = {"key": key, "task": task, "unit": unit, "budget": budget, **_stamp(run.commit), **res}
+            run.append(run.preps_path, rec, f"prep  {task:13s} {unit:10s} {budget or '':3s} "
+                                            f"{res['prep_s']:7.1f} s  (wall {res['wall_s']:.1f} s)")
+            with run.lock:
+                run.preps[key] = rec
+        return run.preps[key]
 
 
 def _cell_job(cfg: SuiteConfig, cell: Cell, prep: Optional[Dict[str, Any]]) -> Dict[str, Any]:
@@ -370,22 +423,25 @@ def _cell_job(cfg: SuiteConfig, cell: Cell, prep: Optional[Dict[str, Any]]) -> D
             "eval_every": cfg.pilot_eval_every}
 
 
-def run_one(cfg: SuiteConfig, cell: Cell, paths: Tuple[Path, Path], preps: Dict[str, Dict[str, Any]],
-            commit: Dict[str, Any], log) -> Dict[str, Any]:
+def run_one(run: _Run, cell: Cell) -> Dict[str, Any]:
     """Prepare (if needed), run and append one cell; returns its record."""
-    results, preps_path = paths
+    cfg = run.cfg
     unit = get_method(cell.method).prep
     prep = None
     if unit and cell.phase == "main":
-        prep = ensure_prep(cfg, cell.task, unit, cell.budget if unit == "eva" else None, preps_path, preps,
-                           commit, log)
+        prep = ensure_prep(run, cell.task, unit, cell.budget if unit == "eva" else None)
+    t = time.perf_counter()
     res = _job(cfg, _cell_job(cfg, cell, prep))
     rec = {**dataclasses.asdict(cell), "key": cell.key, "batch_size": cfg.batch_size, "threads": cfg.threads,
-           **_stamp(commit), **res}
+           "workers": cfg.workers, **_stamp(run.commit), **res}
     if prep is not None:
         rec["cost"].update(prep_unit=prep["unit"], prep_s=prep["prep_s"], prep_peak_rss_mib=prep["peak_rss_mib"],
                            prep_alloc_s=prep["allocations"][cell.method][cell.budget]["alloc_s"])
-    append_jsonl(results, rec)
+    run.append(run.results, rec, f"{cell.phase:5s} {cell.task:13s} {cell.budget or '-':3s} {cell.method:13s} "
+                                 f"seed {cell.seed} lr {cell.lr:g} {cell.steps} steps  "
+                                 f"{time.perf_counter() - t:6.1f} s  {_describe(rec)}")
+    with run.lock:
+        run.records.append(rec)
     return rec
 
 
@@ -397,43 +453,72 @@ def _describe(rec: Dict[str, Any]) -> str:
         f"{k} {v:.4f}" for k, v in rec["test"].items())
 
 
+def _run_cells(run: _Run, todo: List[Cell], past_deadline) -> Tuple[int, bool]:
+    """Run ``todo`` in order, ``cfg.workers`` at a time; no new cell once ``past_deadline()`` (checked after
+    each finished cell). A failed cell stops new ones; the running ones finish (and are kept), then its
+    error is raised. An interrupt kills the running cells' processes. Returns (cells run, stopped)."""
+    ran, stop, errors = 0, False, []
+    it = iter(todo)
+    with ThreadPoolExecutor(max_workers=run.cfg.workers, thread_name_prefix="cell") as pool:
+        live: set = set()
+        try:
+            while True:
+                while not (stop or errors) and len(live) < run.cfg.workers:
+                    cell = next(it, None)
+                    if cell is None:
+                        break
+                    live.add(pool.submit(run_one, run, cell))
+                if not live:
+                    break
+                finished, live = wait(live, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    if f.exception() is not None:
+                        errors.append(f.exception())
+                    else:
+                        ran += 1
+                stop = stop or past_deadline()
+        except BaseException:
+            _stop_children()
+            raise
+    if errors:
+        raise errors[0]
+    return ran, stop
+
+
 def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None) -> Dict[str, Any]:
-    """Run every pending cell in order (pilot, then main seed-major); stop cleanly after the cell that
-    passes ``max_hours``. Returns counts of cells run and skipped and the decisions."""
+    """Run every pending cell in order (pilot, then main seed-major), ``cfg.workers`` at a time; start no
+    cell once ``max_hours`` have passed (the running ones finish). Returns counts of cells run and skipped
+    and the decisions."""
     results = Path(cfg.results)
-    paths = (results, results.with_name(results.stem + "_preps.jsonl"))
     t0 = time.perf_counter()
     ran = skipped = 0
+    stop = False
     with Lock(results):
         records = read_jsonl(results)
-        done = {r["key"] for r in records}
-        preps = {r["key"]: r for r in read_jsonl(paths[1])}
-        commit = git_commit()
-        if commit["dirty"]:
+        preps_path = results.with_name(results.stem + "_preps.jsonl")
+        run = _Run(cfg, results, preps_path, records, {r["key"]: r for r in read_jsonl(preps_path)}, git_commit(),
+                   log)
+        if run.commit["dirty"]:
             log("note: the working tree has uncommitted changes; the records say so (dirty: true)")
-        stop = False
 
-        def cells() -> Iterator[Cell]:
-            yield from pilot_cells(cfg)
+        def past_deadline() -> bool:
+            return max_hours is not None and time.perf_counter() - t0 > 3600 * max_hours
+
+        def stages() -> Iterator[List[Cell]]:
+            yield pilot_cells(cfg)
             decisions = {t: decide(cfg, t, records) for t in cfg.tasks}
             for t, d in decisions.items():
                 log(f"{t}: " + ("pilot incomplete" if d is None else f"lr {d['lr']:g}, {d['steps']} steps ({d['rule']})"))
-            yield from main_cells(cfg, decisions)
+            yield main_cells(cfg, decisions)
 
-        for cell in cells():
-            if cell.key in done:
-                skipped += 1
-                continue
+        for cells in stages():
+            done = {r["key"] for r in records}
+            todo = [c for c in cells if c.key not in done]
+            skipped += len(cells) - len(todo)
+            n, stop = _run_cells(run, todo, past_deadline)
+            ran += n
             if stop:
                 break
-            t = time.perf_counter()
-            rec = run_one(cfg, cell, paths, preps, commit, log)
-            records.append(rec)
-            done.add(cell.key)
-            ran += 1
-            log(f"{cell.phase:5s} {cell.task:13s} {cell.budget or '-':3s} {cell.method:13s} seed {cell.seed} "
-                f"lr {cell.lr:g} {cell.steps} steps  {time.perf_counter() - t:6.1f} s  {_describe(rec)}")
-            stop = max_hours is not None and time.perf_counter() - t0 > 3600 * max_hours
     decisions = {t: decide(cfg, t, records) for t in cfg.tasks}
     return {"ran": ran, "skipped": skipped, "decisions": decisions, "stopped_early": stop,
             "wall_s": time.perf_counter() - t0}
