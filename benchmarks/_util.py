@@ -33,10 +33,25 @@ def set_threads(n: int) -> None:
         pass
 
 
+def cpu_line() -> str:
+    """The CPU as /proc/cpuinfo names it (model, family/model numbers, widest SIMD), or '' elsewhere: two
+    machines of one kind may be different CPUs, and an outside tool's speed moves with its BLAS's SIMD."""
+    try:
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+    except OSError:
+        return ""
+    f = dict(ln.split(":", 1) for ln in info.splitlines() if ":" in ln)
+    f = {k.strip(): v.strip() for k, v in f.items()}
+    flags = set(f.get("flags", "").split())
+    simd = next((s for s in ("avx512f", "avx2", "sse4_2") if s in flags), "?")
+    return f"{f.get('model name', '?')} (family {f.get('cpu family', '?')} model {f.get('model', '?')}, {simd})"
+
+
 def machine_line(threads: int) -> str:
     import torch
 
-    return (f"{platform.machine()} {platform.processor() or ''} {os.cpu_count()} cpus, {threads} threads; "
+    return (f"{platform.machine()} {cpu_line() or platform.processor() or ''} {os.cpu_count()} cpus, "
+            f"{threads} threads; "
             f"python {platform.python_version()}, torch {torch.__version__}; "
             f"{_dt.datetime.now().isoformat(timespec='seconds')}")
 

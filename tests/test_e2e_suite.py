@@ -219,6 +219,10 @@ def _fake_job(calls):
         calls.append(j)
         if j["kind"] == "prep":
             allocs = {m: {b: {"ranks": {"x": 2}, "alloc_s": 0.1} for b in cfg.budgets} for m in METHODS}
+            if j["eva_path"]:  # as methods._run_eva: the state file, and its path in the allocation
+                Path(j["eva_path"]).parent.mkdir(parents=True, exist_ok=True)
+                Path(j["eva_path"]).write_text("state")
+                allocs["eva"][j["budget"]]["eva_state"] = j["eva_path"]
             return {"prep_s": 1.0, "peak_rss_mib": 10.0, "allocations": allocs, "wall_s": 1.0}
         out = {"cost": {"alloc_s": 0.0, "step_s_median": 0.1, "train_s": 1.0, "peak_rss_mib": 5.0},
                "lora_params_effective": 10, "wall_s": 1.0}
@@ -314,6 +318,36 @@ def test_workers_stop_on_a_failed_cell_and_at_the_deadline(tmp_path, monkeypatch
     assert out["ran"] == 2 and out["stopped_early"]  # two were started at once; none after the deadline
     out = runner.run_suite(cfg, log=lambda *_: None)
     assert out["ran"] + out["skipped"] == n_cells and len(runner.read_jsonl(Path(cfg.results))) == n_cells
+
+
+def test_a_moved_results_folder_finds_its_eva_states_or_remakes_them(tmp_path, monkeypatch):
+    import shutil
+
+    calls = []
+    monkeypatch.setattr(runner, "_job", _fake_job(calls))
+    first = tmp_path / "a"
+    cfg = _cfg(first, tasks=("snli",), seeds=(0,))
+    first.mkdir()
+    runner.run_suite(cfg, log=lambda *_: None)
+    eva_cells = [j for j in calls if j["kind"] == "cell" and j["method"] == "eva"]
+    assert eva_cells and all(Path(j["alloc"]["eva_state"]).parent == first / "r_eva" for j in eva_cells)
+    moved = tmp_path / "b"  # another machine: the folder arrives under another path
+    shutil.copytree(first, moved)
+    shutil.rmtree(first)
+    seeds = dict(seeds=(0, 1))
+    calls.clear()
+    lines = []
+    runner.run_suite(_cfg(moved, tasks=("snli",), **seeds), log=lines.append)
+    eva_cells = [j for j in calls if j["kind"] == "cell" and j["method"] == "eva"]
+    assert not [j for j in calls if j["kind"] == "prep"]  # the preparations were found
+    assert eva_cells and all(Path(j["alloc"]["eva_state"]) == moved / "r_eva" / Path(j["alloc"]["eva_state"]).name
+                             and Path(j["alloc"]["eva_state"]).exists() for j in eva_cells)
+    for f in (moved / "r_eva").iterdir():
+        f.unlink()
+    calls.clear()
+    runner.run_suite(_cfg(moved, tasks=("snli",), seeds=(0, 1, 2)), log=lines.append)
+    assert [j["unit"] for j in calls if j["kind"] == "prep"] == ["eva"]  # made again, once
+    assert any("is missing: running it again" in ln for ln in lines)
 
 
 # ---------------------------------------------------------------------------------------------------

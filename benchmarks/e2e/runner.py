@@ -383,6 +383,10 @@ class _Run:
     lock: Any = field(default_factory=threading.Lock)  # records, preps, files, log
     prep_locks: Dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def eva_dir(self) -> Path:
+        return self.preps_path.with_name(self.preps_path.stem.replace("_preps", "") + "_eva")
+
     def prep_lock(self, key: str):
         with self.lock:
             return self.prep_locks.setdefault(key, threading.Lock())
@@ -396,13 +400,17 @@ class _Run:
 
 def ensure_prep(run: _Run, task: str, unit: str, budget: Optional[str]) -> Dict[str, Any]:
     """The preparation unit's record (from the preps file, or run now and appended; once per key even
-    when two cells ask for it at the same time)."""
+    when two cells ask for it at the same time). EVA's state is a file beside the preps file, found by name
+    (the results folder may have moved to another machine); a unit whose file is missing is run again."""
     cfg = run.cfg
     key = f"{task}|{unit}|{budget or '-'}|{prep_setting(cfg, task)}"
+    eva = run.eva_dir / f"{key.replace('|', '_')}.pt"
     with run.prep_lock(key):
+        if key in run.preps and unit == "eva" and not eva.exists():
+            run.log(f"prep  {task:13s} {unit:10s} {budget or '':3s} state {eva} is missing: running it again")
+            with run.lock:
+                del run.preps[key]
         if key not in run.preps:
-            eva = run.preps_path.with_name(run.preps_path.stem.replace("_preps", "") + "_eva") / \
-                f"{key.replace('|', '_')}.pt"
             res = _job(cfg, {"kind": "prep", "key": key, "task": task, "unit": unit, "budget": budget,
                              "budgets": list(cfg.budgets), "eva_path": str(eva) if unit == "eva" else None})
             rec = {"key": key, "task": task, "unit": unit, "budget": budget, **_stamp(run.commit), **res}
@@ -413,11 +421,13 @@ def ensure_prep(run: _Run, task: str, unit: str, budget: Optional[str]) -> Dict[
         return run.preps[key]
 
 
-def _cell_job(cfg: SuiteConfig, cell: Cell, prep: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+def _cell_job(cfg: SuiteConfig, cell: Cell, prep: Optional[Dict[str, Any]],
+              eva_dir: Optional[Path] = None) -> Dict[str, Any]:
     alloc = None
     if prep is not None:
-        allocs = prep["allocations"][cell.method]
-        alloc = allocs[cell.budget]
+        alloc = dict(prep["allocations"][cell.method][cell.budget])
+        if alloc.get("eva_state") and eva_dir is not None:  # the file of that name beside the preps file now
+            alloc["eva_state"] = str(eva_dir / Path(alloc["eva_state"]).name)
     return {"kind": "cell", "key": cell.key, "phase": cell.phase, "task": cell.task, "budget": cell.budget,
             "method": cell.method, "seed": cell.seed, "lr": cell.lr, "steps": cell.steps, "alloc": alloc,
             "eval_every": cfg.pilot_eval_every}
@@ -431,7 +441,7 @@ def run_one(run: _Run, cell: Cell) -> Dict[str, Any]:
     if unit and cell.phase == "main":
         prep = ensure_prep(run, cell.task, unit, cell.budget if unit == "eva" else None)
     t = time.perf_counter()
-    res = _job(cfg, _cell_job(cfg, cell, prep))
+    res = _job(cfg, _cell_job(cfg, cell, prep, run.eva_dir))
     rec = {**dataclasses.asdict(cell), "key": cell.key, "batch_size": cfg.batch_size, "threads": cfg.threads,
            "workers": cfg.workers, **_stamp(run.commit), **res}
     if prep is not None:
