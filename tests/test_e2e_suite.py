@@ -320,6 +320,29 @@ def test_workers_stop_on_a_failed_cell_and_at_the_deadline(tmp_path, monkeypatch
     assert out["ran"] + out["skipped"] == n_cells and len(runner.read_jsonl(Path(cfg.results))) == n_cells
 
 
+def test_stopping_kills_the_running_cells_and_starts_no_new_one():
+    class Proc:  # stands for a running cell's process
+        killed = False
+
+        def poll(self):
+            return -9 if self.killed else None
+
+        def kill(self):
+            self.killed = True
+
+    proc = Proc()
+    runner._CHILDREN.add(proc)
+    try:
+        runner._stop_children()  # what an interrupt of the main thread does
+        assert proc.killed
+        # a worker that was between a preparation and its cell does not start the cell
+        with pytest.raises(RuntimeError, match="not started: the run is stopping"):
+            runner._run_isolated({"kind": "cell", "key": "k", "threads": 1})
+    finally:
+        runner._CHILDREN.discard(proc)
+        runner._STOPPING.clear()
+
+
 def test_a_moved_results_folder_finds_its_eva_states_or_remakes_them(tmp_path, monkeypatch):
     import shutil
 

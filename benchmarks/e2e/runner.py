@@ -318,11 +318,14 @@ def run_job(job: Dict[str, Any]) -> Dict[str, Any]:
 
 _CHILDREN: set = set()
 _CHILDREN_LOCK = threading.Lock()
+_STOPPING = threading.Event()
 
 
 def _stop_children() -> None:
-    """Kill every running cell process (an interrupt reaches the main thread only)."""
+    """Kill every running cell process and start no new one (an interrupt reaches the main thread only;
+    a worker between a preparation and its cell would otherwise start the cell after the kill)."""
     with _CHILDREN_LOCK:
+        _STOPPING.set()
         for proc in list(_CHILDREN):
             if proc.poll() is None:
                 proc.kill()
@@ -336,9 +339,12 @@ def _run_isolated(job: Dict[str, Any]) -> Dict[str, Any]:
         n = str(job["threads"])
         env = dict(os.environ, OMP_NUM_THREADS=n, MKL_NUM_THREADS=n, OPENBLAS_NUM_THREADS=n, HF_HUB_OFFLINE="1",
                    TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-        proc = subprocess.Popen([sys.executable, str(BENCH / "e2e_suite.py"), "--job", str(jin), "--job-out",
-                                 str(jout)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         with _CHILDREN_LOCK:
+            if _STOPPING.is_set():
+                raise RuntimeError(f"{job['kind']} job {job.get('key')} not started: the run is stopping")
+            proc = subprocess.Popen([sys.executable, str(BENCH / "e2e_suite.py"), "--job", str(jin), "--job-out",
+                                     str(jout)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
             _CHILDREN.add(proc)
         try:
             out, _ = proc.communicate()
@@ -503,6 +509,7 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None)
     t0 = time.perf_counter()
     ran = skipped = 0
     stop = False
+    _STOPPING.clear()
     with Lock(results):
         records = read_jsonl(results)
         preps_path = results.with_name(results.stem + "_preps.jsonl")
