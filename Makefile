@@ -39,9 +39,11 @@ e2e-data: $(STAMP)
 e2e-dry-run: e2e-data
 	$(PY) benchmarks/e2e_suite.py --dry-run
 
-# the long run (days at 1 thread): resumable, so stop and start it at will; see docs/e2e_results.md
+# the long run (days at 1 thread): resumable, so stop and start it at will; see docs/e2e_results.md.
+# `make e2e E2E_WORKERS=2` runs two cells at once (one process each, 1 thread) where two cores are free
+E2E_WORKERS ?= 1
 e2e: e2e-data
-	OMP_NUM_THREADS=1 $(PY) benchmarks/e2e_suite.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/e2e_suite.py --workers $(E2E_WORKERS)
 
 e2e-report:
 	$(PY) benchmarks/e2e_suite.py --report
