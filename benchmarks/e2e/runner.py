@@ -264,7 +264,9 @@ def git_commit() -> Dict[str, Any]:
     def git(*a):
         return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
-    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    # the results folder is the run's own output (its files are committed): appending to it is not a change
+    dirty = [ln for ln in git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                              ":(exclude)benchmarks/results").splitlines()]
     return {"commit": git("rev-parse", "HEAD") or None, "dirty": bool(dirty)}
 
 
