@@ -217,7 +217,9 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
                  "over the seeds; *win*/*loss*: the interval lies above/below 0, *tie*: it holds 0.")
     lines.append("")
     lines += _decision_lines(decisions)
-    lines += ["", "### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task)", "",
+    over = ", ".join(summary["tasks"])
+    lines += ["", f"### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task; "
+              f"{len(summary['tasks'])} task(s) with main cells so far: {over})", "",
               "| budget | method | n | score | vs uniform [95% CI] |", "|---|---|---|---|---|"]
     for r in summary["average"]:
         lines.append(f"| {r['budget']} | {r['method']} | {len(r['seeds'])} | {_pm(r['score'])} | "
