@@ -357,10 +357,9 @@ def test_a_moved_results_folder_finds_its_eva_states_or_remakes_them(tmp_path, m
     moved = tmp_path / "b"  # another machine: the folder arrives under another path
     shutil.copytree(first, moved)
     shutil.rmtree(first)
-    seeds = dict(seeds=(0, 1))
     calls.clear()
     lines = []
-    runner.run_suite(_cfg(moved, tasks=("snli",), **seeds), log=lines.append)
+    runner.run_suite(_cfg(moved, tasks=("snli",), seeds=(0, 1)), log=lines.append)
     eva_cells = [j for j in calls if j["kind"] == "cell" and j["method"] == "eva"]
     assert not [j for j in calls if j["kind"] == "prep"]  # the preparations were found
     assert eva_cells and all(Path(j["alloc"]["eva_state"]) == moved / "r_eva" / Path(j["alloc"]["eva_state"]).name

@@ -383,17 +383,20 @@ class _Run:
 
     cfg: SuiteConfig
     results: Path
-    preps_path: Path
     records: List[Dict[str, Any]]
-    preps: Dict[str, Dict[str, Any]]
     commit: Dict[str, Any]
     log: Any
+    preps: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     lock: Any = field(default_factory=threading.Lock)  # records, preps, files, log
     prep_locks: Dict[str, Any] = field(default_factory=dict)
 
     @property
+    def preps_path(self) -> Path:
+        return self.results.with_name(self.results.stem + "_preps.jsonl")
+
+    @property
     def eva_dir(self) -> Path:
-        return self.preps_path.with_name(self.preps_path.stem.replace("_preps", "") + "_eva")
+        return self.results.with_name(self.results.stem + "_eva")
 
     def prep_lock(self, key: str):
         with self.lock:
@@ -514,9 +517,8 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None)
     _STOPPING.clear()
     with Lock(results):
         records = read_jsonl(results)
-        preps_path = results.with_name(results.stem + "_preps.jsonl")
-        run = _Run(cfg, results, preps_path, records, {r["key"]: r for r in read_jsonl(preps_path)}, git_commit(),
-                   log)
+        run = _Run(cfg, results, records, git_commit(), log)
+        run.preps.update((r["key"], r) for r in read_jsonl(run.preps_path))
         if run.commit["dirty"]:
             log("note: the working tree has uncommitted changes; the records say so (dirty: true)")
 
