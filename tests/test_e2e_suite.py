@@ -415,6 +415,11 @@ def test_report_on_a_partial_results_file(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Page\n\nkept text") and text.count(rep.BEGIN) == 1
     assert "| gelora | 3 |" in text and "| eva | 1 |" in text and "(n = 1)" in text and "![" in text
+    # the verdicts at a glance: columns snli r8, vader_ratings r8, average r8; d = 2, 1, 1 points -> a tie
+    assert "| method | snli r8 | vader_ratings r8 | average r8 |" in text
+    verdicts = text[text.index("### Verdicts"):]
+    assert "| gelora | +1.33 (n = 3) tie | +1.00 (n = 3) " in verdicts
+    assert "| eva | -10.00 (n = 1) | - | - |" in verdicts and "| uniform |" not in verdicts.split("###")[1]
     rep.report(recs[:4], {}, doc=doc, png=None, log=lambda *_: None)  # rewritten in place, not appended
     assert doc.read_text().count(rep.BEGIN) == 1 and "| eva |" not in doc.read_text()
     if out["plot"].endswith("p.png"):

@@ -163,6 +163,33 @@ def _diff(ci: Optional[Dict[str, Any]]) -> str:
     return f"{ci['mean']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}] {verdict(ci)}"
 
 
+def verdict_markdown(summary: Dict[str, Any]) -> List[str]:
+    """The answer at a glance: one row per method other than uniform, one column per (task, budget) and
+    the average over tasks per budget; a cell is the paired difference from uniform (points) and its
+    verdict. Each interval is a 95 % interval of its own comparison, not corrected for the many in the
+    table: with 5 methods x 8 columns, about 2 of 40 "wins"/"losses" are expected by chance alone."""
+    cols = [(t, b) for b in summary["budgets"] for t in summary["tasks"]]
+    cols += [("average", b) for b in summary["budgets"]]
+    cell = {(r["task"], r["budget"], r["method"]): r for r in summary["rows"]}
+    cell.update({("average", r["budget"], r["method"]): r for r in summary["average"]})
+    methods = [m for m in dict.fromkeys(r["method"] for r in summary["rows"]) if m not in ("uniform", "head")]
+    if not methods:
+        return []
+
+    def one(r: Optional[Dict[str, Any]]) -> str:
+        ci = r.get("diff") if r else None
+        if ci is None:
+            return "-"
+        return f"{ci['mean']:+.2f} (n = {ci['n']})" + ("" if ci["lo"] is None else f" {verdict(ci)}")
+
+    lines = ["", "### Verdicts: difference from uniform LoRA in points (paired by seed; verdict from the 95 % "
+             "interval of each comparison, not corrected for the number of comparisons)", "",
+             "| method | " + " | ".join(f"{t} {b}" for t, b in cols) + " |", "|---|" + "---|" * len(cols)]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(one(cell.get((t, b, m))) for t, b in cols) + " |")
+    return lines
+
+
 def pilot_rows(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """One row per finished pilot cell (validation only), by task and learning rate: the steps it ran,
     the highest value of its smoothed validation curve (the decision's smoothing) and the checkpoint
@@ -217,6 +244,7 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
                  "over the seeds; *win*/*loss*: the interval lies above/below 0, *tie*: it holds 0.")
     lines.append("")
     lines += _decision_lines(decisions)
+    lines += verdict_markdown(summary)
     over = ", ".join(summary["tasks"])
     lines += ["", f"### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task; "
               f"{len(summary['tasks'])} task(s) with main cells so far: {over})", "",
