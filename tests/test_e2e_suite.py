@@ -290,10 +290,49 @@ def test_workers_run_cells_at_once_each_once_with_shared_preparations(tmp_path, 
     assert sum(j["kind"] == "prep" for j in calls) == 2 * 3  # each unit once, though asked for concurrently
     assert len(runner.read_jsonl(Path(cfg.results).with_name("r_preps.jsonl"))) == 2 * 3
     n_pilot = len(runner.pilot_cells(cfg))
-    assert all(r["phase"] == "pilot" for r in recs[:n_pilot])  # the pilot phase ends before the main one
+    for t in cfg.tasks:  # a task's main cells start after its own pilot, seed-major
+        pos = [i for i, r in enumerate(recs) if r["task"] == t]
+        first_main = next(i for i in pos if recs[i]["phase"] == "main")
+        assert all(recs[i]["phase"] == "main" for i in pos if i > first_main)
     assert sum(ln.startswith("main ") for ln in lines) == len(want) - n_pilot
     with pytest.raises(ValueError, match="needs isolated cells"):
         _cfg(tmp_path, workers=2)
+
+
+def test_a_free_worker_runs_decided_tasks_while_another_pilot_runs(tmp_path, monkeypatch):
+    """The last pilot cell of vader_ratings cannot finish until a main cell of snli has: a runner that
+    waited for the whole pilot phase would hang here (the event's timeout fails the test instead)."""
+    import threading
+
+    calls = []
+    fake = _fake_job(calls)
+    snli_main_done = threading.Event()
+    cfg = _cfg(tmp_path, tasks=("snli", "vader_ratings"), seeds=(0, 1), workers=2, isolate=True)
+    last_pilot = runner.pilot_cells(cfg)[-1]
+    assert last_pilot.task == "vader_ratings"
+
+    def job(cfg_, j):
+        if j["kind"] == "cell" and j["key"] == last_pilot.key:
+            assert snli_main_done.wait(timeout=20), "no main cell ran beside the last pilot cell"
+        out = fake(cfg_, j)
+        if j["kind"] == "cell" and j["phase"] == "main" and j["task"] == "snli":
+            snli_main_done.set()
+        return out
+
+    monkeypatch.setattr(runner, "_job", job)
+    lines = []
+    out = runner.run_suite(cfg, log=lines.append)
+    recs = runner.read_jsonl(Path(cfg.results))
+    want = runner.pilot_cells(cfg) + runner.main_cells(cfg, out["decisions"])
+    assert out["ran"] == len(want) == len(recs) and {r["key"] for r in recs} == {c.key for c in want}
+    keys = [r["key"] for r in recs]
+    assert keys.index(last_pilot.key) > min(i for i, r in enumerate(recs) if r["phase"] == "main")
+    # once vader_ratings is decided, its seed-0 cells come before the seed-1 cells of snli still pending
+    started = [j["key"] for j in calls if j["kind"] == "cell"]
+    vr0 = [i for i, k in enumerate(started) if k.startswith("main|vader_ratings|") and "|0|" in k]
+    s1 = [i for i, k in enumerate(started) if k.startswith("main|snli|") and k.split("|")[4] == "1"]
+    assert vr0 and s1 and max(vr0) < max(s1)
+    assert sum(ln.startswith("vader_ratings: lr") for ln in lines) == 1  # the decision, logged once
 
 
 def test_workers_stop_on_a_failed_cell_and_at_the_deadline(tmp_path, monkeypatch):

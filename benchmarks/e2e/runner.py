@@ -11,7 +11,8 @@ Phases, in order:
    already compares every method on the seeds it has.
 
 With ``workers`` > 1, that many cells run at once (each in its own process with ``threads`` threads), taken
-in the same order; the pilot phase ends before the main phase starts. Records are appended as cells finish.
+in the same order, except that a task's main cells may start while another task's pilot still runs (a
+worker never waits for a pilot that is not its task's). Records are appended as cells finish.
 
 Each cell gets a key (phase, task, budget, method, seed, learning rate, and a hash of every setting that
 changes its result); a rerun skips every cell whose key is in the results file. The preparation units
@@ -36,7 +37,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from .methods import METHODS, budget_rank, get_method
 from .tasks import TASKS, get_task
@@ -474,19 +475,61 @@ def _describe(rec: Dict[str, Any]) -> str:
         f"{k} {v:.4f}" for k, v in rec["test"].items())
 
 
-def _run_cells(run: _Run, todo: List[Cell], past_deadline) -> Tuple[int, bool]:
-    """Run ``todo`` in order, ``cfg.workers`` at a time; no new cell once ``past_deadline()`` (checked after
-    each finished cell). A failed cell stops new ones; the running ones finish (and are kept), then its
-    error is raised. An interrupt kills the running cells' processes. Returns (cells run, stopped)."""
+class _Order:
+    """Which cell comes next: every pilot cell first, then the main cells, seed-major, of the tasks whose
+    pilot is decided. A task's main cells become eligible the moment its last pilot cell is in, so a worker
+    that would wait for another task's pilot runs main cells of the decided tasks instead; a newly decided
+    task's cells then come before the later seeds of the others. A decision is logged when it appears."""
+
+    def __init__(self, run: _Run):
+        self.run, self.cfg = run, run.cfg
+        self.taken: set = set()
+        self.decisions: Dict[str, Optional[Dict[str, Any]]] = {}
+        self.done_at_start = {r["key"] for r in run.records}
+
+    def decide_all(self) -> Dict[str, Optional[Dict[str, Any]]]:
+        with self.run.lock:
+            records = list(self.run.records)
+        for t in self.cfg.tasks:
+            if self.decisions.get(t) is None:
+                d = decide(self.cfg, t, records)  # RuntimeError when every pilot curve of t diverged
+                if d is not None:
+                    self.run.log(f"{t}: lr {d['lr']:g}, {d['steps']} steps ({d['rule']})")
+                self.decisions[t] = d
+        return self.decisions
+
+    def cells(self) -> List[Cell]:
+        """Every cell known now (the pilot, and the main cells of the decided tasks), in order."""
+        return pilot_cells(self.cfg) + main_cells(self.cfg, self.decide_all())
+
+    def next(self) -> Optional[Cell]:
+        """The first cell not done and not taken yet (None: none is eligible now)."""
+        with self.run.lock:
+            done = {r["key"] for r in self.run.records}
+        for c in self.cells():
+            if c.key not in done and c.key not in self.taken:
+                self.taken.add(c.key)
+                return c
+        return None
+
+
+def _run_cells(run: _Run, order: _Order, past_deadline) -> Tuple[int, bool]:
+    """Run the cells ``order`` gives, ``cfg.workers`` at a time; no new cell once ``past_deadline()``
+    (checked after each finished cell). A failed cell (or a pilot whose every curve diverged) stops new
+    ones; the running ones finish (and are kept), then the error is raised. An interrupt kills the running
+    cells' processes. Returns (cells run, stopped)."""
     ran, stop, errors = 0, False, []
-    it = iter(todo)
     with ThreadPoolExecutor(max_workers=run.cfg.workers, thread_name_prefix="cell") as pool:
         live: set = set()
         try:
             while True:
                 while not (stop or errors) and len(live) < run.cfg.workers:
-                    cell = next(it, None)
-                    if cell is None:
+                    try:
+                        cell = order.next()
+                    except RuntimeError as exc:
+                        errors.append(exc)
+                        break
+                    if cell is None:  # nothing eligible until a running pilot decides its task
                         break
                     live.add(pool.submit(run_one, run, cell))
                 if not live:
@@ -507,13 +550,11 @@ def _run_cells(run: _Run, todo: List[Cell], past_deadline) -> Tuple[int, bool]:
 
 
 def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None) -> Dict[str, Any]:
-    """Run every pending cell in order (pilot, then main seed-major), ``cfg.workers`` at a time; start no
-    cell once ``max_hours`` have passed (the running ones finish). Returns counts of cells run and skipped
-    and the decisions."""
+    """Run every pending cell in order (pilot, then main seed-major, see :class:`_Order`), ``cfg.workers``
+    at a time; start no cell once ``max_hours`` have passed (the running ones finish). Returns counts of
+    cells run and skipped and the decisions."""
     results = Path(cfg.results)
     t0 = time.perf_counter()
-    ran = skipped = 0
-    stop = False
     _STOPPING.clear()
     with Lock(results):
         records = read_jsonl(results)
@@ -525,23 +566,13 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None)
         def past_deadline() -> bool:
             return max_hours is not None and time.perf_counter() - t0 > 3600 * max_hours
 
-        def stages() -> Iterator[List[Cell]]:
-            yield pilot_cells(cfg)
-            decisions = {t: decide(cfg, t, records) for t in cfg.tasks}
-            for t, d in decisions.items():
-                log(f"{t}: " + ("pilot incomplete" if d is None else f"lr {d['lr']:g}, {d['steps']} steps ({d['rule']})"))
-            yield main_cells(cfg, decisions)
-
-        for cells in stages():
-            done = {r["key"] for r in records}
-            todo = [c for c in cells if c.key not in done]
-            skipped += len(cells) - len(todo)
-            n, stop = _run_cells(run, todo, past_deadline)
-            ran += n
-            if stop:
-                break
-    decisions = {t: decide(cfg, t, records) for t in cfg.tasks}
-    return {"ran": ran, "skipped": skipped, "decisions": decisions, "stopped_early": stop,
+        order = _Order(run)
+        ran, stop = _run_cells(run, order, past_deadline)
+        skipped = sum(c.key in order.done_at_start for c in order.cells())
+        for t, d in order.decide_all().items():
+            if d is None:
+                log(f"{t}: pilot incomplete")
+    return {"ran": ran, "skipped": skipped, "decisions": dict(order.decisions), "stopped_early": stop,
             "wall_s": time.perf_counter() - t0}
 
 
