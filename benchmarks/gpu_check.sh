@@ -13,7 +13,9 @@
 #            stage 2 with timeout_s=200: bash benchmarks/gpu_check.sh --stages 2 (stage 0 and the summary
 #            always run)
 #   install  pip install --no-deps --no-build-isolation -e . with GELORA_NO_EXT=1 (stage 0; the checkout is
-#            also put on PYTHONPATH, so a failed install costs nothing but a line in the log).
+#            also put on PYTHONPATH, so a failed install costs nothing but a line in the log). Without build
+#            isolation it uses the machine's setuptools, which must be >= 77 (pyproject's SPDX license
+#            string; torch >= 2.5 on Python 3.12 installs setuptools with it, older ones fail here harmlessly).
 #
 # HOW TO READ IT: the summary table is printed last (one row per headline number: value, goal, met, note;
 # then one status row per stage: ok / TIME LIMIT / FAILED, seconds used of its limit; expected numbers that
