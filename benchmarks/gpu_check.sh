@@ -15,7 +15,7 @@
 #   install  pip install --no-deps --no-build-isolation -e . with GELORA_NO_EXT=1 (stage 0; the checkout is
 #            also put on PYTHONPATH, so a failed install costs nothing but a line in the log). Without build
 #            isolation it uses the machine's setuptools, which must be >= 77 (pyproject's SPDX license
-#            string; torch >= 2.5 on Python 3.12 installs setuptools with it, older ones fail here harmlessly).
+#            string; torch 2.13 itself requires setuptools >= 77.0.3; an older one fails here harmlessly).
 #
 # HOW TO READ IT: the summary table is printed last (one row per headline number: value, goal, met, note;
 # then one status row per stage: ok / TIME LIMIT / FAILED, seconds used of its limit; expected numbers that
