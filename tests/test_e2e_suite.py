@@ -335,6 +335,45 @@ def test_a_free_worker_runs_decided_tasks_while_another_pilot_runs(tmp_path, mon
     assert sum(ln.startswith("vader_ratings: lr") for ln in lines) == 1  # the decision, logged once
 
 
+def test_expected_seconds_come_from_the_closest_finished_cells():
+    cell = runner.Cell("main", "snli", "r2", "gelora", 1, 1e-3, 100, "s")
+    rec = dict(phase="main", task="snli", method="uniform", workers=2, steps=50, wall_s=100.0)
+    assert runner.expected_s([], cell, 2) is None
+    recs = [rec, {**rec, "wall_s": 300.0}, {**rec, "wall_s": 200.0},  # 2, 6, 4 s/step: median 4
+            {**rec, "method": "head", "wall_s": 10.0},                 # another kind
+            {**rec, "task": "vader_movie", "wall_s": 1000.0}]           # another task
+    assert runner.expected_s(recs, cell, 2) == pytest.approx(1.1 * 100 * 4)
+    # other workers: the same task's cells still count (next tier); a task with no cells: any cell
+    assert runner.expected_s(recs[:1], cell, 1) == pytest.approx(1.1 * 100 * 2)
+    other = runner.Cell("main", "vader_ratings", "r2", "uniform", 0, 1e-3, 10, "s")
+    assert runner.expected_s(recs, other, 2) == pytest.approx(1.1 * 10 * 4)
+    assert runner.expected_s(recs, runner.Cell("main", "snli", None, "head", 0, 1e-3, 100, "s"), 2) == \
+        pytest.approx(1.1 * 100 * 0.2)
+
+
+def test_finish_within_passes_long_cells_over_for_short_ones(tmp_path, monkeypatch):
+    calls = []
+    fake = _fake_job(calls)
+
+    def job(cfg, j):  # head cells are quick, LoRA cells take (nominally) 1000 s
+        out = fake(cfg, j)
+        if j["kind"] == "cell":
+            out["wall_s"] = 1.0 if j["method"] == "head" else 1000.0
+        return out
+
+    monkeypatch.setattr(runner, "_job", job)
+    cfg = _cfg(tmp_path, tasks=("snli", "vader_movie"), seeds=(0,))
+    runner.run_suite(cfg, log=lambda *_: None)  # seed 0: every cell, their times recorded
+    cfg = _cfg(tmp_path, tasks=("snli", "vader_movie"), seeds=(0, 1))
+    calls.clear()
+    out = runner.run_suite(cfg, log=lambda *_: None, finish_within=0.05)  # 180 s: heads fit, LoRA cells not
+    assert out["stopped_early"] and out["ran"] == 2
+    assert [(j["task"], j["method"], j["seed"]) for j in calls if j["kind"] == "cell"] == \
+        [("snli", "head", 1), ("vader_movie", "head", 1)]
+    out = runner.run_suite(cfg, log=lambda *_: None, finish_within=1.0)  # an hour: every LoRA cell fits
+    assert not out["stopped_early"] and out["ran"] == 2 * (len(METHODS) - 1)
+
+
 def test_workers_stop_on_a_failed_cell_and_at_the_deadline(tmp_path, monkeypatch):
     calls = []
     fake = _fake_job(calls)

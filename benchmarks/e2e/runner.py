@@ -29,6 +29,7 @@ import json
 import math
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -475,6 +476,29 @@ def _describe(rec: Dict[str, Any]) -> str:
         f"{k} {v:.4f}" for k, v in rec["test"].items())
 
 
+def expected_s(records: List[Dict[str, Any]], cell: Cell, workers: int) -> Optional[float]:
+    """Expected wall seconds of ``cell``: its steps times the median seconds per step (wall, start-up
+    and evaluation included) of the finished cells of its task, phase and kind (head only or LoRA), run
+    with the same number of workers, then relaxing the phase, the workers and the task in that order;
+    plus 10 %. A pilot cell evaluates every ``pilot_eval_every`` steps, so a main cell estimated from one
+    comes out long, which errs on the safe side. None when nothing has finished yet."""
+    done = [r for r in records if r.get("wall_s") and r.get("steps")]
+    head = cell.method == "head"
+    tiers = (
+        lambda r: r["task"] == cell.task and r["phase"] == cell.phase and (r["method"] == "head") == head
+        and r.get("workers", 1) == workers,
+        lambda r: r["task"] == cell.task and (r["method"] == "head") == head and r.get("workers", 1) == workers,
+        lambda r: r["task"] == cell.task and (r["method"] == "head") == head,
+        lambda r: r["task"] == cell.task,
+        lambda r: True,
+    )
+    for keep in tiers:
+        rates = [r["wall_s"] / r["steps"] for r in done if keep(r)]
+        if rates:
+            return 1.1 * cell.steps * statistics.median(rates)
+    return None
+
+
 class _Order:
     """Which cell comes next: every pilot cell first, then the main cells, seed-major, of the tasks whose
     pilot is decided. A task's main cells become eligible the moment its last pilot cell is in, so a worker
@@ -502,34 +526,40 @@ class _Order:
         """Every cell known now (the pilot, and the main cells of the decided tasks), in order."""
         return pilot_cells(self.cfg) + main_cells(self.cfg, self.decide_all())
 
-    def next(self) -> Optional[Cell]:
-        """The first cell not done and not taken yet (None: none is eligible now)."""
+    def next(self, fits=None, take: bool = True) -> Optional[Cell]:
+        """The first cell not done and not taken yet for which ``fits(cell)`` holds (None: none is
+        eligible now), taken unless ``take`` is False. A cell that does not fit is passed over for a
+        later one that does."""
         with self.run.lock:
             done = {r["key"] for r in self.run.records}
         for c in self.cells():
-            if c.key not in done and c.key not in self.taken:
-                self.taken.add(c.key)
+            if c.key not in done and c.key not in self.taken and (fits is None or fits(c)):
+                if take:
+                    self.taken.add(c.key)
                 return c
         return None
 
 
-def _run_cells(run: _Run, order: _Order, past_deadline) -> Tuple[int, bool]:
+def _run_cells(run: _Run, order: _Order, past_deadline, fits=None) -> Tuple[int, bool]:
     """Run the cells ``order`` gives, ``cfg.workers`` at a time; no new cell once ``past_deadline()``
-    (checked after each finished cell). A failed cell (or a pilot whose every curve diverged) stops new
-    ones; the running ones finish (and are kept), then the error is raised. An interrupt kills the running
-    cells' processes. Returns (cells run, stopped)."""
+    (checked after each finished cell), and only cells for which ``fits(cell)`` holds. A failed cell (or a
+    pilot whose every curve diverged) stops new ones; the running ones finish (and are kept), then the
+    error is raised. An interrupt kills the running cells' processes. Returns (cells run, stopped: a
+    deadline left cells undone)."""
     ran, stop, errors = 0, False, []
+    passed_over = False
     with ThreadPoolExecutor(max_workers=run.cfg.workers, thread_name_prefix="cell") as pool:
         live: set = set()
         try:
             while True:
                 while not (stop or errors) and len(live) < run.cfg.workers:
                     try:
-                        cell = order.next()
+                        cell = order.next(fits)
                     except RuntimeError as exc:
                         errors.append(exc)
                         break
-                    if cell is None:  # nothing eligible until a running pilot decides its task
+                    if cell is None:  # nothing eligible now (a pilot still runs, or nothing fits)
+                        passed_over = passed_over or (fits is not None and order.next(take=False) is not None)
                         break
                     live.add(pool.submit(run_one, run, cell))
                 if not live:
@@ -546,13 +576,16 @@ def _run_cells(run: _Run, order: _Order, past_deadline) -> Tuple[int, bool]:
             raise
     if errors:
         raise errors[0]
-    return ran, stop
+    return ran, stop or passed_over
 
 
-def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None) -> Dict[str, Any]:
+def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None,
+              finish_within: Optional[float] = None) -> Dict[str, Any]:
     """Run every pending cell in order (pilot, then main seed-major, see :class:`_Order`), ``cfg.workers``
-    at a time; start no cell once ``max_hours`` have passed (the running ones finish). Returns counts of
-    cells run and skipped and the decisions."""
+    at a time; start no cell once ``max_hours`` have passed (the running ones finish), and, with
+    ``finish_within``, only cells expected (:func:`expected_s`) to finish within that many hours of the
+    start: a cell that would not is passed over for a shorter one that would. Returns counts of cells run
+    and skipped and the decisions."""
     results = Path(cfg.results)
     t0 = time.perf_counter()
     _STOPPING.clear()
@@ -566,8 +599,14 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None)
         def past_deadline() -> bool:
             return max_hours is not None and time.perf_counter() - t0 > 3600 * max_hours
 
+        def fits(cell: Cell) -> bool:
+            with run.lock:
+                need = expected_s(run.records, cell, cfg.workers)
+            left = 3600 * finish_within - (time.perf_counter() - t0)
+            return left > 0 and (need is None or need <= left)
+
         order = _Order(run)
-        ran, stop = _run_cells(run, order, past_deadline)
+        ran, stop = _run_cells(run, order, past_deadline, fits if finish_within is not None else None)
         skipped = sum(c.key in order.done_at_start for c in order.cells())
         for t, d in order.decide_all().items():
             if d is None:
