@@ -498,6 +498,7 @@ def test_report_on_a_partial_results_file(tmp_path):
     verdicts = text[text.index("### Verdicts"):]
     assert "| gelora | +1.33 (n = 3) tie | +1.00 (n = 3) " in verdicts
     assert "| eva | -10.00 (n = 1) | - | - |" in verdicts and "| uniform |" not in verdicts.split("###")[1]
+    assert "| 0.500 (1: 0.500) |" in text  # step times by the number of cells run at once
     rep.report(recs[:4], {}, doc=doc, png=None, log=lambda *_: None)  # rewritten in place, not appended
     assert doc.read_text().count(rep.BEGIN) == 1 and "| eva |" not in doc.read_text()
     if out["plot"].endswith("p.png"):

@@ -138,6 +138,10 @@ def cost_rows(recs: List[Dict[str, Any]], methods: List[str]) -> List[Dict[str, 
             "prep_s": statistics.mean(p["prep_s"] for p in preps.values()) if preps else 0.0,
             "alloc_s": statistics.mean(x.get("prep_alloc_s", 0.0) + x["alloc_s"] for x in c),
             "step_s": statistics.median(x["step_s_median"] for x in c),
+            # cells that share the machine step more slowly: the medians per number of cells run at once
+            "step_s_by_workers": {w: statistics.median(r["cost"]["step_s_median"] for r in rr
+                                                       if r.get("workers", 1) == w)
+                                  for w in sorted({r.get("workers", 1) for r in rr})},
             "train_s": statistics.mean(x["train_s"] for x in c),
             "peak_rss_mib": max(x["peak_rss_mib"] for x in c),
             "prep_peak_rss_mib": max((p["prep_peak_rss_mib"] for p in preps.values()), default=None),
@@ -268,12 +272,14 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
                              + " | ".join(_pm(r[m], 3 if m == "rmse" else 2) for m in task.metrics)
                              + f" | {_pm(r['val'])} | {_diff(r.get('diff'))} |")
     lines += ["", "### Cost per method (all cells)", "",
-              "| method | cells | LoRA params | prep s | alloc s | s/step (median) | train s | peak RSS MiB train / prep |",
+              "| method | cells | LoRA params | prep s | alloc s | s/step (median; by cells at once) | train s | "
+              "peak RSS MiB train / prep |",
               "|---|---|---|---|---|---|---|---|"]
     for c in summary["cost"]:
         rss_p = "-" if c["prep_peak_rss_mib"] is None else f"{c['prep_peak_rss_mib']:.0f}"
+        by_w = "; ".join(f"{w}: {v:.3f}" for w, v in c["step_s_by_workers"].items())
         lines.append(f"| {c['method']} | {c['cells']} | {', '.join(f'{p:,}' for p in c['lora_params'])} | "
-                     f"{c['prep_s']:.1f} | {c['alloc_s']:.2f} | {c['step_s']:.3f} | {c['train_s']:.0f} | "
+                     f"{c['prep_s']:.1f} | {c['alloc_s']:.2f} | {c['step_s']:.3f} ({by_w}) | {c['train_s']:.0f} | "
                      f"{c['peak_rss_mib']:.0f} / {rss_p} |")
     lines += pilot_markdown(list(pilot))
     if png:
