@@ -474,6 +474,14 @@ def test_report_on_a_partial_results_file(tmp_path):
         recs.append(_main_rec("vader_ratings", "r8", "gelora", s, 0.6 + 0.01 * s))
     recs.append(_main_rec("snli", "r8", "eva", 0, 0.7))  # a method with one seed so far
     recs.append(_main_rec("snli", None, "head", 0, 0.5))
+    recs.append(_main_rec("snli", "r2", "gelora", 0, 0.7))  # r2: no uniform cell yet
+    summ = rep.summarize(recs)
+    # the head has no budget: it is listed only where a LoRA cell of the task is, averages only beside uniform
+    assert {(r["budget"], r["method"]) for r in summ["rows"] if r["task"] == "snli"} == \
+        {("r2", "head"), ("r2", "gelora"), ("r8", "head"), ("r8", "uniform"), ("r8", "gelora"), ("r8", "eva")}
+    assert not [r for r in summ["rows"] if r["task"] == "vader_ratings" and r["budget"] == "r2"]
+    assert {r["budget"] for r in summ["average"]} == {"r8"}
+    recs.pop()
     summ = rep.summarize(recs)
     row = next(r for r in summ["rows"] if r["task"] == "snli" and r["method"] == "gelora")
     d = [100 * (gel[s] - uni[s]) for s in (0, 1, 2)]

@@ -91,6 +91,8 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
         for t in tasks:
             task = get_task(t)
             uni = _cells(recs, t, b, "uniform")
+            if not any(_cells(recs, t, b, m) for m in methods if m != "head"):
+                continue  # no LoRA cell of this task at this budget yet: no table of the head alone
             for m in methods:
                 cells = _cells(recs, t, b, m)
                 if not cells:
@@ -104,10 +106,10 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
                     row["diff"] = mean_ci([_points(t, task.primary, cells[s]["test"][task.primary]
                                                    - uni[s]["test"][task.primary]) for s in common])
                 rows.append(row)
+        uni = _average_over_tasks(recs, tasks, b, "uniform")
         for m in methods:
             per_seed = _average_over_tasks(recs, tasks, b, m)
-            uni = _average_over_tasks(recs, tasks, b, "uniform")
-            if not per_seed:
+            if not per_seed or not uni:
                 continue
             row = {"budget": b, "method": m, "seeds": sorted(per_seed), "score": mean_ci(list(per_seed.values()))}
             common = sorted(set(per_seed) & set(uni))
