@@ -96,7 +96,7 @@ class SymmetricKnn {
                 const TopkLists<T>& cols);
   void merge_task(int64_t blk, int64_t task, const TopkLists<T>& global);
   // the steps of run(), called by every thread of its parallel region
-  int64_t prepare(int tid);  // norms, lists, prepacking; returns a bad row seen by this thread or -1
+  int64_t prepare();  // norms, lists, prepacking; returns a bad row seen by this thread or -1
   void search_private(int tid);
   void search_phased(int tid);
   void sort_lists();
@@ -305,7 +305,7 @@ void SymmetricKnn<T>::merge_task(int64_t blk, int64_t task, const TopkLists<T>& 
 
 // the first loop: squared norms, list initialisation, column prepacking and (phased) the first row block
 template <typename T>
-int64_t SymmetricKnn<T>::prepare(int /*tid*/) {
+int64_t SymmetricKnn<T>::prepare() {
   const int64_t n_norm = (grows_ + NORM_ROWS - 1) / NORM_ROWS;
   const int64_t pre_per_chunk = (b_panels_ + PACK_PANELS - 1) / PACK_PANELS;
   const int64_t n_pre = prepack_ ? nk_ * pre_per_chunk : 0;
@@ -412,7 +412,7 @@ void SymmetricKnn<T>::run(T* out_d2, int64_t* out_idx, T* sq_out) {
 #else
     const int tid = 0;
 #endif
-    const int64_t my_bad = prepare(tid);
+    const int64_t my_bad = prepare();
 #pragma omp critical(gelora_bad_row)
     bad_ = std::max(bad_, my_bad);
 #pragma omp barrier
