@@ -513,6 +513,51 @@ def test_report_on_a_partial_results_file(tmp_path):
         assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_t_pvalue_and_holm():
+    stats = pytest.importorskip("scipy.stats")
+    special = pytest.importorskip("scipy.special")
+    for a, b, x in [(0.5, 0.5, 0.3), (2.0, 0.5, 0.9), (12.0, 3.0, 0.7), (0.2, 7.0, 0.01), (30.0, 30.0, 0.55)]:
+        assert rep.betainc(a, b, x) == pytest.approx(special.betainc(a, b, x), abs=1e-12)
+    for t, df in [(0.0, 4), (0.7, 1), (-2.1, 4), (4.6, 4), (12.0, 2), (2.0, 60)]:
+        assert rep.t_pvalue(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-12)
+    ci = rep.mean_ci([1.0, 2.0, 1.5, 1.2, 1.8])
+    assert ci["p"] == pytest.approx(stats.ttest_1samp([1.0, 2.0, 1.5, 1.2, 1.8], 0).pvalue, abs=1e-12)
+    assert rep.mean_ci([1.0, 1.0])["p"] == 0.0 and rep.mean_ci([0.0, 0.0])["p"] == 1.0 and rep.mean_ci([1.0])["p"] is None
+    # step-down: 0.01 <= 0.05/4 is rejected, 0.03 > 0.05/3 stops it (0.04 is not tested after)
+    assert rep.holm([0.01, 0.04, 0.03, 0.5]) == [True, False, False, False]
+    assert rep.holm([0.001, 0.02, 0.011]) == [True, True, True] and rep.holm([]) == []
+
+
+def test_report_in_words_with_holm_and_the_same_ranks():
+    """A clear win holds under Holm's correction, a marginal one does not; a tie's interval is reported; two
+    GeLoRA variants with the same ranks are named as the same runs."""
+    recs = []
+    uni = [0.800, 0.810, 0.790, 0.805, 0.795]
+    for s, u in enumerate(uni):
+        recs.append(_main_rec("snli", "r2", "uniform", s, u))
+        recs.append(_main_rec("snli", "r2", "gelora", s, u + 0.02 + 0.001 * (s % 2)))  # +2 points, tiny sd
+        recs.append(_main_rec("snli", "r2", "gelora_paired", s, u + 0.02 + 0.001 * (s % 2)))
+        recs.append(_main_rec("snli", "r2", "gelora_pm", s, u + [0.004, -0.003, 0.006, -0.001, 0.002][s]))
+        recs.append(_main_rec("snli", "r2", "adalora", s, u - [0.004, 0.003, 0.006, 0.0, 0.009][s]))
+    for r in recs:
+        r["ranks"] = {"gelora": {"q": 3, "k": 1}, "gelora_paired": {"q": 3, "k": 1}}.get(r["method"], {"q": 2, "k": 2})
+    summ = rep.summarize(recs)
+    cells = rep._verdict_cells(summ)
+    assert cells[("snli", "r2", "gelora")]["holm"] and cells[("snli", "r2", "gelora")]["diff"]["lo"] > 0
+    ada = cells[("snli", "r2", "adalora")]
+    assert rep.verdict(ada["diff"]) == "loss" and not ada["holm"]  # p ~ 0.03: not below 0.05 / 5 etc.
+    text = "\n".join(rep.verdict_markdown(summ) + rep.words_markdown(summ, recs))
+    assert "| gelora | +2.04 (n = 5) win* |" in text and "| adalora | -0.44 (n = 5) loss |" in text
+    assert "- `gelora`: 1 win(s), 0 tie(s), 0 loss(es) in 1 task/budget comparison(s) with 2+ seeds (win on " \
+           "snli r2: +2.04 [" in text and "holds under Holm" in text
+    pm = next(ln for ln in text.splitlines() if ln.startswith("- `gelora_pm`"))
+    d = cells[("snli", "r2", "gelora_pm")]["diff"]
+    assert "0 win(s), 1 tie(s)" in pm and f"within [{d['lo']:+.2f}, {d['hi']:+.2f}]" in pm
+    assert "loss on snli r2: -0.44" in text and "not under Holm" in text
+    assert "`gelora_paired` trained the same ranks as `gelora` on snli r2" in text
+    assert "`gelora_pm` trained the same ranks" not in text
+
+
 def test_report_before_any_main_cell_shows_the_pilot(tmp_path):
     """With pilot cells only, the section says so and tabulates them; later the full report keeps the table."""
     curve = [0.50, 0.70, 0.74, 0.70, 0.72]  # smoothed: 0.60, 0.6467, 0.7133, 0.72, 0.71 -> peak 0.72 at step 40

@@ -3,7 +3,9 @@
 Per task and budget: the test metrics of every method (mean +/- sample std over the seeds it has, and
 how many), the validation metric, and the paired difference from uniform LoRA (same seeds, same
 batches, same head initialisation) with a 95 % Student-t interval over the seeds; a verdict from that
-interval (win: above 0, loss: below 0, tie: it holds 0). The GLUE-style average over tasks (the mean of
+interval (win: above 0, loss: below 0, tie: it holds 0), and whether a win or loss also holds under
+Holm's correction over every comparison of the report (two-sided t-test p-values); the same verdicts
+in words, and which GeLoRA variants trained the same ranks (the same runs). The GLUE-style average over tasks (the mean of
 the primary test metric, in points: accuracy % for the classifications, 100 x Pearson for the
 regression) is taken per seed over the seeds that have every task, then treated the same way. Costs
 per method: preparation (ID profile / EVA's SVD) seconds, allocation seconds, median step time, peak
@@ -38,15 +40,65 @@ def t975(df: int) -> float:
     return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
 
 
+def betainc(a: float, b: float, x: float) -> float:
+    """The regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz;
+    the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) where the fraction converges slowly)."""
+    if not 0.0 <= x <= 1.0:
+        raise ValueError(f"x must be in [0, 1], got {x}")
+    if x in (0.0, 1.0):
+        return x
+    if x > (a + 1) / (a + b + 2):
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    tiny = 1e-300
+    c, d = 1.0, 1.0 - (a + b) * x / (a + 1)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for num in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                    -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + num * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + num / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-15:
+            break
+    return front * f
+
+
+def t_pvalue(t: float, df: int) -> float:
+    """Two-sided p-value of Student's t statistic ``t`` with ``df`` degrees of freedom."""
+    if math.isinf(t):
+        return 0.0
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
 def mean_ci(xs: Sequence[float]) -> Dict[str, Any]:
-    """Mean, sample std, n and the 95 % t interval of the mean (None below 2 values)."""
+    """Mean, sample std, n, the 95 % t interval of the mean and the two-sided p-value of "the mean is 0"
+    (None below 2 values)."""
     xs = [float(x) for x in xs]
     n = len(xs)
     m = statistics.mean(xs) if xs else float("nan")
     sd = statistics.stdev(xs) if n > 1 else None
     half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else None
+    p = None
+    if n > 1:
+        p = (1.0 if m == 0 else 0.0) if sd == 0 else t_pvalue(m / (sd / math.sqrt(n)), n - 1)
     return {"mean": m, "sd": sd, "n": n, "lo": None if half is None else m - half,
-            "hi": None if half is None else m + half}
+            "hi": None if half is None else m + half, "p": p}
+
+
+def holm(ps: Sequence[float], alpha: float = 0.05) -> List[bool]:
+    """Holm's step-down procedure: which of the hypotheses with p-values ``ps`` are rejected with the
+    family-wise error rate held at ``alpha``."""
+    order = sorted(range(len(ps)), key=lambda i: ps[i])
+    out = [False] * len(ps)
+    for k, i in enumerate(order):
+        if ps[i] > alpha / (len(ps) - k):
+            break
+        out[i] = True
+    return out
 
 
 def verdict(ci: Dict[str, Any]) -> str:
@@ -169,31 +221,107 @@ def _diff(ci: Optional[Dict[str, Any]]) -> str:
     return f"{ci['mean']:+.2f} [{ci['lo']:+.2f}, {ci['hi']:+.2f}] {verdict(ci)}"
 
 
+def _verdict_cells(summary: Dict[str, Any]) -> Dict[tuple, Dict[str, Any]]:
+    """Every comparison with uniform, by (task or "average", budget, method): the paired difference and,
+    for the ones with an interval (n >= 2), whether they hold under Holm's correction over all of them
+    (the family is every comparison with an interval: each task and budget, and the averages)."""
+    cell = {(r["task"], r["budget"], r["method"]): {"diff": r["diff"]} for r in summary["rows"] if r.get("diff")}
+    cell.update({("average", r["budget"], r["method"]): {"diff": r["diff"]} for r in summary["average"]
+                 if r.get("diff")})
+    tested = [k for k, c in cell.items() if c["diff"]["p"] is not None]
+    for k, keep in zip(tested, holm([cell[k]["diff"]["p"] for k in tested])):
+        cell[k]["holm"] = keep
+    return cell
+
+
 def verdict_markdown(summary: Dict[str, Any]) -> List[str]:
     """The answer at a glance: one row per method other than uniform, one column per (task, budget) and
     the average over tasks per budget; a cell is the paired difference from uniform (points) and its
-    verdict. Each interval is a 95 % interval of its own comparison, not corrected for the many in the
-    table: with 5 methods x 8 columns, about 2 of 40 "wins"/"losses" are expected by chance alone."""
+    verdict. Each interval is a 95 % interval of its own comparison; a win or loss that also holds under
+    Holm's correction over the whole table is starred (with 5 methods x 8 columns, about 2 of 40
+    uncorrected "wins"/"losses" are expected by chance alone)."""
     cols = [(t, b) for b in summary["budgets"] for t in summary["tasks"]]
     cols += [("average", b) for b in summary["budgets"]]
-    cell = {(r["task"], r["budget"], r["method"]): r for r in summary["rows"]}
-    cell.update({("average", r["budget"], r["method"]): r for r in summary["average"]})
+    cell = _verdict_cells(summary)
     methods = [m for m in dict.fromkeys(r["method"] for r in summary["rows"]) if m not in ("uniform", "head")]
     if not methods:
         return []
 
-    def one(r: Optional[Dict[str, Any]]) -> str:
-        ci = r.get("diff") if r else None
-        if ci is None:
+    def one(c: Optional[Dict[str, Any]]) -> str:
+        if c is None:
             return "-"
-        return f"{ci['mean']:+.2f} (n = {ci['n']})" + ("" if ci["lo"] is None else f" {verdict(ci)}")
+        ci = c["diff"]
+        if ci["lo"] is None:
+            return f"{ci['mean']:+.2f} (n = {ci['n']})"
+        v = verdict(ci)
+        return f"{ci['mean']:+.2f} (n = {ci['n']}) {v}" + ("*" if c.get("holm") and v != "tie" else "")
 
     lines = ["", "### Verdicts: difference from uniform LoRA in points (paired by seed; verdict from the 95 % "
-             "interval of each comparison, not corrected for the number of comparisons)", "",
+             "interval of each comparison; * it also holds with Holm's correction over every comparison of the "
+             "table)", "",
              "| method | " + " | ".join(f"{t} {b}" for t, b in cols) + " |", "|---|" + "---|" * len(cols)]
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(one(cell.get((t, b, m))) for t, b in cols) + " |")
     return lines
+
+
+def _same_ranks(records: List[Dict[str, Any]]) -> List[str]:
+    """Where two GeLoRA variants trained the same ranks on a task and budget (they differ only in their
+    ranks, so the same seeds then make the same runs: their differences from uniform are one measurement,
+    not two)."""
+    recs = main_records(list(records))
+    ranks: Dict[tuple, set] = {}
+    for r in recs:
+        if r["method"].startswith("gelora") and r.get("ranks"):
+            ranks.setdefault((r["task"], r["budget"], r["method"]), set()).add(
+                tuple(sorted(r["ranks"].items())))
+    out = []
+    for (t, b, m), rk in ranks.items():
+        for (t2, b2, m2), rk2 in ranks.items():
+            if (t2, b2) == (t, b) and list(METHODS).index(m2) < list(METHODS).index(m) and len(rk) == len(rk2) == 1 \
+                    and rk == rk2:
+                out.append(f"`{m}` trained the same ranks as `{m2}` on {t} {b}")
+    return out
+
+
+def words_markdown(summary: Dict[str, Any], records: List[Dict[str, Any]]) -> List[str]:
+    """The verdicts in words, per method: wins, ties and losses over the tasks and budgets with an interval,
+    which of them hold under Holm's correction, and how far the ties' intervals reach."""
+    cell = _verdict_cells(summary)
+    methods = [m for m in dict.fromkeys(r["method"] for r in summary["rows"]) if m not in ("uniform", "head")]
+    lines = []
+    for m in methods:
+        done = {k: c for k, c in cell.items() if k[2] == m and k[0] != "average" and c["diff"]["lo"] is not None}
+        if not done:
+            continue
+        by = {v: [k for k, c in done.items() if verdict(c["diff"]) == v] for v in ("win", "tie", "loss")}
+        text = f"- `{m}`: {len(by['win'])} win(s), {len(by['tie'])} tie(s), {len(by['loss'])} loss(es) in " \
+               f"{len(done)} task/budget comparison(s) with 2+ seeds"
+        named = []
+        for v in ("win", "loss"):
+            for k in by[v]:
+                d = done[k]["diff"]
+                named.append(f"{v} on {k[0]} {k[1]}: {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
+                             + (", holds under Holm" if done[k].get("holm") else ", not under Holm"))
+        if named:
+            text += " (" + "; ".join(named) + ")"
+        if by["tie"]:
+            lo = min(done[k]["diff"]["lo"] for k in by["tie"])
+            hi = max(done[k]["diff"]["hi"] for k in by["tie"])
+            text += f"; the ties' intervals lie within [{lo:+.2f}, {hi:+.2f}] points"
+        avg = [(k[1], c["diff"]) for k, c in cell.items() if k[0] == "average" and k[2] == m and c["diff"]["lo"] is not None]
+        if avg:
+            text += "; average over tasks: " + ", ".join(
+                f"{b} {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {verdict(d)}" for b, d in avg)
+        lines.append(text + ".")
+    same = _same_ranks(records)
+    if not lines and not same:
+        return []
+    if not lines:
+        lines.append("- No comparison has 2 seeds yet.")
+    if same:
+        lines.append("- " + "; ".join(same) + ": with the same seeds these are the same runs.")
+    return ["", "### In words (from the table above, for the comparisons with 2 or more seeds)", ""] + lines
 
 
 def pilot_rows(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -241,7 +369,7 @@ def progress_markdown(records: List[Dict[str, Any]], decisions: Dict[str, Any]) 
 
 
 def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[str],
-             pilot: Sequence[Dict[str, Any]] = ()) -> str:
+             pilot: Sequence[Dict[str, Any]] = (), records: Sequence[Dict[str, Any]] = ()) -> str:
     """The docs section: averages, per task and budget, costs (partial results say so)."""
     lines = []
     seeds_all = sorted({s for r in summary["rows"] for s in r["seeds"]})
@@ -251,6 +379,7 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
     lines.append("")
     lines += _decision_lines(decisions)
     lines += verdict_markdown(summary)
+    lines += words_markdown(summary, records)
     over = ", ".join(summary["tasks"])
     lines += ["", f"### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task; "
               f"{len(summary['tasks'])} task(s) with main cells so far: {over})", "",
@@ -356,7 +485,7 @@ def report(records: List[Dict[str, Any]], decisions: Dict[str, Any], *, doc: Opt
     rel = None
     if png and not err:  # the page links the plot beside it by its name
         rel = png.name if doc is not None and png.parent.resolve() == doc.parent.resolve() else str(png)
-    text = markdown(summary, decisions, rel, pilot_rows(records))
+    text = markdown(summary, decisions, rel, pilot_rows(records), records)
     if doc is not None:
         write_section(doc, text)
     log(text)
