@@ -87,40 +87,48 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _pip_download(dest: Path) -> None:
-    """``pip download --no-deps --no-binary :all: vaderSentiment==3.3.2 -d dest`` (raises on failure)."""
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           VADER_REQUIREMENT, "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise DataUnavailable(f"could not run pip to fetch {VADER_REQUIREMENT}: {exc}") from exc
-    if proc.returncode != 0:
-        tail = " ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-2:])
-        raise DataUnavailable(f"pip could not download {VADER_REQUIREMENT} (exit {proc.returncode}): {tail}")
+def _pip_downloader(requirement: str) -> Callable[[Path], None]:
+    """``f(dest)``: ``pip download --no-deps --no-binary :all: <requirement> -d dest`` (raises on failure)."""
+    def download(dest: Path) -> None:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement,
+               "-d", str(dest)]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DataUnavailable(f"could not run pip to fetch {requirement}: {exc}") from exc
+        if proc.returncode != 0:
+            tail = " ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-2:])
+            raise DataUnavailable(f"pip could not download {requirement} (exit {proc.returncode}): {tail}")
+
+    return download
 
 
-def fetch_vader_sdist(
+def fetch_sdist(
+    requirement: str,
+    filename: str,
+    sha256: str,
     cache: Union[None, str, Path] = None,
     *,
     download: bool = True,
     downloader: Optional[Callable[[Path], None]] = None,
+    hint: str = "",
 ) -> Path:
-    """Path of the ``vaderSentiment-3.3.2.tar.gz`` sdist in ``cache``, downloading it once with pip.
+    """Path of the source distribution ``filename`` of ``requirement`` in ``cache``, fetched once with
+    ``pip download --no-deps --no-binary :all:`` and checked against its SHA-256.
 
     Args:
         cache: cache folder (default :func:`cache_dir`).
         download: fetch it when absent (False: fail instead).
-        downloader: ``f(dest_dir)`` that places the sdist in ``dest_dir`` (default: ``pip download``).
+        downloader: ``f(dest_dir)`` that places the file in ``dest_dir`` (default: ``pip download``).
+        hint: added to the "fetch it by hand" advice of every error (say, another way to give the data).
 
     Raises:
         DataUnavailable: not cached and ``download=False``, the download failed, or the file's
-            SHA-256 is not the published one.
+            SHA-256 is not ``sha256``.
     """
     folder = Path(cache).expanduser() if cache is not None else cache_dir()
-    target = folder / VADER_SDIST
-    hint = (f"fetch it by hand with `pip download --no-deps --no-binary :all: {VADER_REQUIREMENT} -d {folder}` "
-            "or pass --data FILE")
+    target = folder / filename
+    hint = f"fetch it by hand with `pip download --no-deps --no-binary :all: {requirement} -d {folder}`" + hint
     if not target.exists():
         if not download:
             raise DataUnavailable(f"{target} is not there and downloading is off; {hint}")
@@ -130,20 +138,30 @@ def fetch_vader_sdist(
             raise DataUnavailable(f"cannot create the cache folder {folder}: {exc}") from exc
         with tempfile.TemporaryDirectory(dir=folder) as tmp:
             try:
-                (downloader or _pip_download)(Path(tmp))
+                (downloader or _pip_downloader(requirement))(Path(tmp))
             except DataUnavailable as exc:
                 raise DataUnavailable(f"{exc}; {hint}") from exc
-            got = Path(tmp) / VADER_SDIST
+            got = Path(tmp) / filename
             if not got.exists():
-                raise DataUnavailable(f"the download left no {VADER_SDIST} in {tmp}; {hint}")
+                raise DataUnavailable(f"the download left no {filename} in {tmp}; {hint}")
             os.replace(got, target)
     digest = _sha256(target)
-    if digest != VADER_SDIST_SHA256:
-        raise DataUnavailable(
-            f"{target} has SHA-256 {digest[:16]}..., not the published {VADER_SDIST_SHA256[:16]}...; "
-            "delete it and run again"
-        )
+    if digest != sha256:
+        raise DataUnavailable(f"{target} has SHA-256 {digest[:16]}..., not the published {sha256[:16]}...; "
+                              "delete it and run again")
     return target
+
+
+def fetch_vader_sdist(
+    cache: Union[None, str, Path] = None,
+    *,
+    download: bool = True,
+    downloader: Optional[Callable[[Path], None]] = None,
+) -> Path:
+    """Path of the ``vaderSentiment-3.3.2.tar.gz`` sdist in ``cache``, downloading it once with pip
+    (:func:`fetch_sdist`; its errors also suggest ``--data FILE``)."""
+    return fetch_sdist(VADER_REQUIREMENT, VADER_SDIST, VADER_SDIST_SHA256, cache, download=download,
+                       downloader=downloader, hint=" or pass --data FILE")
 
 
 def extract_movie_sentences(sdist: Union[str, Path], dest: Union[str, Path]) -> Path:

