@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import importlib
 import os
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -113,3 +115,34 @@ def format_table(rows: Iterable[dict], columns: Sequence[str], floatfmt: str = "
     body = ["  ".join(v.rjust(w) if i else v.ljust(w) for i, (v, w) in enumerate(zip(row, widths)))
             for row in cells]
     return "\n".join([line, sep, *body])
+
+
+def add_outside_tool(out: Dict[str, Callable], name: str, module: str, make: Callable, skip: Iterable[str]) -> None:
+    """``out[name]`` = ``make(imported module)``, run with the tool's warnings silenced, unless ``name`` is
+    in ``skip`` or the module is not installed (an optional outside tool)."""
+    if name in skip:
+        return
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    fn = make(mod)
+
+    def quiet():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn()
+
+    out[name] = quiet
+
+
+def faiss_flat_distances(faiss, xn, k: int):
+    """Exact Euclidean distances (N, k) from every row of the float32 array ``xn`` to its k nearest
+    other rows, by FAISS's brute-force ``IndexFlatL2`` (squared distances clamped at 0, self dropped)."""
+    import numpy as np
+
+    index = faiss.IndexFlatL2(xn.shape[1])
+    index.add(xn)
+    dd, _ = index.search(xn, k + 1)
+    return np.sqrt(np.maximum(dd[:, 1:], 0))
+

@@ -35,13 +35,13 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _util import append_csv, format_table, interleaved_medians, machine_line, set_threads  # noqa: E402
+from _util import (add_outside_tool, append_csv, faiss_flat_distances, format_table,  # noqa: E402
+                   interleaved_medians, machine_line, set_threads)
 
 DEFAULT_SHAPES = [(10_000, 384), (20_000, 768)]
 QUICK_SHAPES = [(2000, 384)]
@@ -62,46 +62,12 @@ def providers(x, skip: set):
     for name, b in all_backends().items():
         if name not in skip and not b.not_supported_reasons(x):
             out[f"gelora-{name}"] = (lambda nm=name: gelora.gride(x, range_max=RANGE_MAX, backend=nm).ids.numpy())
-    if "faiss" not in skip:
-        try:
-            import faiss
-
-            def faiss_flat():
-                index = faiss.IndexFlatL2(xn.shape[1])
-                index.add(xn)
-                dd, _ = index.search(xn, RANGE_MAX + 1)
-                dist = torch.from_numpy(np.sqrt(np.maximum(dd[:, 1:], 0)))
-                return gride_from_distances(dist)["ids"].numpy()
-
-            out["faiss-flat"] = faiss_flat
-        except ImportError:
-            pass
-    if "dadapy" not in skip:
-        try:
-            import dadapy
-
-            def dadapy_gride():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    data = dadapy.Data(coordinates=xn, verbose=False, n_jobs=1)
-                    return np.asarray(data.return_id_scaling_gride(range_max=RANGE_MAX)[0])
-
-            out["dadapy"] = dadapy_gride
-        except ImportError:
-            pass
-    if "skdim" not in skip:
-        try:
-            import skdim
-
-            def skdim_gride():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    est = skdim.id.GRIDE(multiscale=True, range_max=RANGE_MAX).fit(xn)
-                    return np.asarray(est.dimension_scales_)
-
-            out["skdim"] = skdim_gride
-        except ImportError:
-            pass
+    add_outside_tool(out, "faiss-flat", "faiss", lambda faiss: lambda: gride_from_distances(
+        torch.from_numpy(faiss_flat_distances(faiss, xn, RANGE_MAX)))["ids"].numpy(), skip)
+    add_outside_tool(out, "dadapy", "dadapy", lambda dadapy: lambda: np.asarray(
+        dadapy.Data(coordinates=xn, verbose=False, n_jobs=1).return_id_scaling_gride(range_max=RANGE_MAX)[0]), skip)
+    add_outside_tool(out, "skdim", "skdim", lambda skdim: lambda: np.asarray(
+        skdim.id.GRIDE(multiscale=True, range_max=RANGE_MAX).fit(xn).dimension_scales_), skip)
     block = 2048
 
     def gemm_floor():

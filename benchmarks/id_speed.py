@@ -32,14 +32,15 @@ import argparse
 import math
 import sys
 import time
-import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from _util import (  # noqa: E402
+    add_outside_tool,
     append_csv,
+    faiss_flat_distances,
     format_table,
     interleaved_medians,
     machine_line,
@@ -145,7 +146,6 @@ def mle_from_r(r1, r2) -> float:
 
 def providers(x, skip: set, n_fixed: dict = None):
     """{provider: callable returning the ID}; the gelora ones record their ``n_fixed`` in ``n_fixed``."""
-    import numpy as np
     import torch
 
     import gelora
@@ -165,44 +165,16 @@ def providers(x, skip: set, n_fixed: dict = None):
             continue
         out[f"gelora-{name}"] = (lambda nm=name: run_gelora(nm))
 
-    if "faiss" not in skip:
-        try:
-            import faiss
+    def faiss_flat(faiss):
+        def run():
+            r = faiss_flat_distances(faiss, xn, 2)
+            return mle_from_r(r[:, 0], r[:, 1])
+        return run
 
-            def faiss_flat():
-                index = faiss.IndexFlatL2(xn.shape[1])
-                index.add(xn)
-                dd, _ = index.search(xn, 3)
-                return mle_from_r(np.sqrt(np.maximum(dd[:, 1], 0)), np.sqrt(np.maximum(dd[:, 2], 0)))
-
-            out["faiss-flat"] = faiss_flat
-        except ImportError:
-            pass
-    if "dadapy" not in skip:
-        try:
-            import dadapy
-
-            def dadapy_ml():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    data = dadapy.Data(coordinates=xn, maxk=3, verbose=False)
-                    return float(data.compute_id_2NN(algorithm="ml")[0])
-
-            out["dadapy"] = dadapy_ml
-        except ImportError:
-            pass
-    if "skdim" not in skip:
-        try:
-            import skdim
-
-            def skdim_twonn():
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")
-                    return float(skdim.id.TwoNN().fit(xn).dimension_)
-
-            out["skdim"] = skdim_twonn
-        except ImportError:
-            pass
+    add_outside_tool(out, "faiss-flat", "faiss", faiss_flat, skip)
+    add_outside_tool(out, "dadapy", "dadapy", lambda dadapy: lambda: float(
+        dadapy.Data(coordinates=xn, maxk=3, verbose=False).compute_id_2NN(algorithm="ml")[0]), skip)
+    add_outside_tool(out, "skdim", "skdim", lambda skdim: lambda: float(skdim.id.TwoNN().fit(xn).dimension_), skip)
 
     block = 2048
 
