@@ -78,6 +78,8 @@ def test_mean_ci_and_verdict():
     assert (ci["lo"], ci["hi"]) == (pytest.approx(lo, abs=1e-3), pytest.approx(hi, abs=1e-3))
     assert rep.verdict(ci) == "win" and rep.verdict(rep.mean_ci([-1, -2, -1.5])) == "loss"
     assert rep.verdict(rep.mean_ci([-1, 1, 0.2])) == "tie" and rep.verdict(rep.mean_ci([3.0])) == "n < 2"
+    nan = rep.mean_ci([1.0, float("nan"), 2.0])  # a diverged cell's NaN metric: neither a tie nor a test
+    assert rep.verdict(nan) == "undefined" and nan["p"] is None
 
 
 # ---------------------------------------------------------------------------------------------------

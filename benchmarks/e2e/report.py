@@ -79,11 +79,12 @@ def mean_ci(xs: Sequence[float]) -> Dict[str, Any]:
     (None below 2 values)."""
     xs = [float(x) for x in xs]
     n = len(xs)
-    m = statistics.mean(xs) if xs else float("nan")
-    sd = statistics.stdev(xs) if n > 1 else None
+    finite = all(math.isfinite(x) for x in xs)  # statistics.stdev fails on a NaN (a diverged cell's metric)
+    m = statistics.mean(xs) if xs and finite else float("nan")
+    sd = (statistics.stdev(xs) if finite else float("nan")) if n > 1 else None
     half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else None
     p = None
-    if n > 1:
+    if n > 1 and math.isfinite(m) and math.isfinite(sd):  # a NaN metric (a diverged cell): no test
         p = (1.0 if m == 0 else 0.0) if sd == 0 else t_pvalue(m / (sd / math.sqrt(n)), n - 1)
     return {"mean": m, "sd": sd, "n": n, "lo": None if half is None else m - half,
             "hi": None if half is None else m + half, "p": p}
@@ -104,6 +105,8 @@ def holm(ps: Sequence[float], alpha: float = 0.05) -> List[bool]:
 def verdict(ci: Dict[str, Any]) -> str:
     if ci["lo"] is None:
         return "n < 2"
+    if not (math.isfinite(ci["lo"]) and math.isfinite(ci["hi"])):
+        return "undefined"
     return "win" if ci["lo"] > 0 else "loss" if ci["hi"] < 0 else "tie"
 
 
@@ -303,6 +306,8 @@ def words_markdown(summary: Dict[str, Any], records: List[Dict[str, Any]]) -> Li
                 d = done[k]["diff"]
                 named.append(f"{v} on {k[0]} {k[1]}: {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}]"
                              + (", holds under Holm" if done[k].get("holm") else ", not under Holm"))
+        named += [f"no verdict on {k[0]} {k[1]} (a NaN metric)" for k, c in done.items()
+                  if verdict(c["diff"]) == "undefined"]
         if named:
             text += " (" + "; ".join(named) + ")"
         if by["tie"]:
