@@ -79,6 +79,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--finish-within", type=float, metavar="H",
                    help="start only cells expected to finish within H hours of the start (from the finished "
                         "cells' seconds per step, +10 %%); a longer one is passed over for a shorter one")
+    p.add_argument("--allow-version-change", action="store_true",
+                   help="run although torch, transformers or PEFT is not a release the finished cells ran with "
+                        "(by default the run stops and names the pip pins of the recorded ones)")
     p.add_argument("--step-s", type=float, help="--dry-run: assume this step time instead of measuring")
     p.add_argument("--doc", default=str(ROOT / "docs" / "e2e_results.md"), help="--report: the page to update")
     p.add_argument("--png", default=str(ROOT / "docs" / "e2e_suite.png"), help="--report: the plot")
@@ -149,12 +152,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report(recs, decisions, doc=Path(a.doc) if a.doc else None, png=Path(a.png) if a.png else None)
         else:
             runner.install_sigterm()
-            out = runner.run_suite(cfg, max_hours=a.max_hours, finish_within=a.finish_within)
+            out = runner.run_suite(cfg, max_hours=a.max_hours, finish_within=a.finish_within,
+                                   allow_version_change=a.allow_version_change)
             print(f"{out['ran']} cells run, {out['skipped']} already done, {out['wall_s']:.0f} s"
                   + ("; stopped at the time limit, cells left" if out["stopped_early"] else ""))
     except DataUnavailable as exc:
         print(f"e2e_suite: a corpus is not available: {exc}", file=sys.stderr)
         return 1
+    except runner.VersionMismatch as exc:
+        print(f"e2e_suite: {exc}", file=sys.stderr)
+        return 2
     except RuntimeError as exc:
         if "another run holds" not in str(exc):
             raise

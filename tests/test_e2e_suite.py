@@ -452,6 +452,33 @@ def test_a_moved_results_folder_finds_its_eva_states_or_remakes_them(tmp_path, m
     assert any("is missing: running it again" in ln for ln in lines)
 
 
+def test_a_run_stops_when_the_libraries_are_not_the_recorded_ones(tmp_path, monkeypatch):
+    """New cells are not compared with finished ones across torch / transformers / PEFT releases unless
+    asked; the message names the pins that restore the recorded versions."""
+    import e2e_quality
+
+    rec = {"v": {"torch": "2.13.0+cpu", "transformers": "5.25.0", "peft": "0.21.2", "gelora": "0.1.0"}}
+    here = dict(rec["v"], peft="0.22.0", numpy="2.0")
+    recs = [{"key": "a", "versions": rec["v"]}, {"key": "b", "versions": dict(rec["v"], gelora="0.2.0")}]
+    assert runner.version_mismatch(recs, dict(rec["v"], gelora="9")) is None  # gelora itself is the code under test
+    assert runner.version_mismatch([], here) is None
+    why = runner.version_mismatch(recs, here)
+    assert why.startswith("the finished cells ran with peft 0.21.2, this environment has peft 0.22.0")
+    assert "pip install 'peft==0.21.2')" in why and "torch" not in why
+    why = runner.version_mismatch(recs + [{"versions": dict(rec["v"], torch="2.14.0+cpu")}], dict(here, torch="2.15.0"))
+    assert "torch 2.13.0+cpu / 2.14.0+cpu" in why and "'torch==2.13.0'" in why  # the most common one is pinned
+    results = tmp_path / "r.jsonl"
+    runner.append_jsonl(results, {"key": "x", "phase": "pilot", "versions": rec["v"]})
+    monkeypatch.setattr(e2e_quality, "versions", lambda: here)
+    monkeypatch.setattr(runner, "_job", lambda cfg, job: pytest.fail("a cell ran"))
+    with pytest.raises(runner.VersionMismatch, match="--allow-version-change"):
+        runner.run_suite(_cfg(tmp_path, tasks=("snli",)), log=lambda *_: None)
+    calls, lines = [], []
+    monkeypatch.setattr(runner, "_job", _fake_job(calls))
+    runner.run_suite(_cfg(tmp_path, tasks=("snli",)), log=lines.append, allow_version_change=True)
+    assert calls and any("running anyway (--allow-version-change)" in ln for ln in lines)
+
+
 # ---------------------------------------------------------------------------------------------------
 # The report, on a partial results file
 # ---------------------------------------------------------------------------------------------------

@@ -371,6 +371,35 @@ def _job(cfg: SuiteConfig, job: Dict[str, Any]) -> Dict[str, Any]:
     return res
 
 
+#: the libraries whose release changes what a cell computes (PEFT's EVA and AdaLoRA, the model, the kernels)
+VERSIONED = ("torch", "transformers", "peft")
+
+
+class VersionMismatch(RuntimeError):
+    """The environment's libraries are not the ones the results file's cells ran with."""
+
+
+def version_mismatch(records: List[Dict[str, Any]], current: Dict[str, Any]) -> Optional[str]:
+    """Why running cells here would compare methods across library releases: the versions of
+    :data:`VERSIONED` in ``current`` that no record of the results file has (None when they agree, or
+    when there are no records). The message names the pip pins that restore the recorded ones."""
+    seen: Dict[str, Dict[str, int]] = {}
+    for r in records:
+        for k, v in (r.get("versions") or {}).items():
+            if k in VERSIONED and v:
+                counts = seen.setdefault(k, {})
+                counts[v] = counts.get(v, 0) + 1
+    off = {k: vs for k, vs in seen.items() if current.get(k) not in vs}
+    if not off:
+        return None
+    recorded = ", ".join(f"{k} {' / '.join(sorted(vs))}" for k, vs in off.items())
+    here = ", ".join(f"{k} {current.get(k)}" for k in off)
+    pins = " ".join(f"'{k}=={max(vs, key=vs.get).split('+')[0]}'" for k, vs in off.items())
+    return (f"the finished cells ran with {recorded}, this environment has {here}: new cells would be compared "
+            f"with them across releases. Install the recorded ones (pip install {pins}), or pass "
+            "--allow-version-change")
+
+
 def _stamp(commit: Dict[str, Any]) -> Dict[str, Any]:
     from e2e_quality import versions
 
@@ -580,17 +609,29 @@ def _run_cells(run: _Run, order: _Order, past_deadline, fits=None) -> Tuple[int,
 
 
 def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None,
-              finish_within: Optional[float] = None) -> Dict[str, Any]:
+              finish_within: Optional[float] = None, allow_version_change: bool = False) -> Dict[str, Any]:
     """Run every pending cell in order (pilot, then main seed-major, see :class:`_Order`), ``cfg.workers``
     at a time; start no cell once ``max_hours`` have passed (the running ones finish), and, with
     ``finish_within``, only cells expected (:func:`expected_s`) to finish within that many hours of the
     start: a cell that would not is passed over for a shorter one that would. Returns counts of cells run
-    and skipped and the decisions."""
+    and skipped and the decisions.
+
+    Raises:
+        VersionMismatch: torch, transformers or PEFT is not a release the finished cells ran with
+            (unless ``allow_version_change``: then it is logged and the records show it).
+    """
     results = Path(cfg.results)
     t0 = time.perf_counter()
     _STOPPING.clear()
     with Lock(results):
         records = read_jsonl(results)
+        from e2e_quality import versions
+
+        why = version_mismatch(records, versions())
+        if why and not allow_version_change:
+            raise VersionMismatch(why)
+        if why:
+            log(f"note: {why.split(': new cells')[0]}; running anyway (--allow-version-change)")
         run = _Run(cfg, results, records, git_commit(), log)
         run.preps.update((r["key"], r) for r in read_jsonl(run.preps_path))
         if run.commit["dirty"]:
