@@ -571,11 +571,11 @@ def test_report_in_words_with_holm_and_the_same_ranks():
     for r in recs:
         r["ranks"] = {"gelora": {"q": 3, "k": 1}, "gelora_paired": {"q": 3, "k": 1}}.get(r["method"], {"q": 2, "k": 2})
     summ = rep.summarize(recs)
-    cells = rep._verdict_cells(summ)
+    cells = summ["verdicts"]
     assert cells[("snli", "r2", "gelora")]["holm"] and cells[("snli", "r2", "gelora")]["diff"]["lo"] > 0
     ada = cells[("snli", "r2", "adalora")]
     assert rep.verdict(ada["diff"]) == "loss" and not ada["holm"]  # p ~ 0.03: not below 0.05 / 5 etc.
-    text = "\n".join(rep.verdict_markdown(summ) + rep.words_markdown(summ, recs))
+    text = "\n".join(rep.verdict_markdown(summ) + rep.words_markdown(summ))
     assert "| gelora | +2.04 (n = 5) win* |" in text and "| adalora | -0.44 (n = 5) loss |" in text
     assert "- `gelora`: 1 win(s), 0 tie(s), 0 loss(es) in 1 task/budget comparison(s) with 2+ seeds (win on " \
            "snli r2: +2.04 [" in text and "holds under Holm" in text

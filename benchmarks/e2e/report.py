@@ -84,7 +84,7 @@ def mean_ci(xs: Sequence[float]) -> Dict[str, Any]:
     sd = (statistics.stdev(xs) if finite else float("nan")) if n > 1 else None
     half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else None
     p = None
-    if n > 1 and math.isfinite(m) and math.isfinite(sd):  # a NaN metric (a diverged cell): no test
+    if n > 1 and finite:  # a NaN metric (a diverged cell): no test
         p = (1.0 if m == 0 else 0.0) if sd == 0 else t_pvalue(m / (sd / math.sqrt(n)), n - 1)
     return {"mean": m, "sd": sd, "n": n, "lo": None if half is None else m - half,
             "hi": None if half is None else m + half, "p": p}
@@ -171,8 +171,10 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
             if m != "uniform" and common:
                 row["diff"] = mean_ci([per_seed[s] - uni[s] for s in common])
             avg.append(row)
-    return {"rows": rows, "average": avg, "cost": cost_rows(recs, methods), "tasks": tasks, "budgets": budgets,
-            "n_records": len(recs)}
+    out = {"rows": rows, "average": avg, "cost": cost_rows(recs, methods), "tasks": tasks, "budgets": budgets,
+           "n_records": len(recs), "same_ranks": _same_ranks(recs)}
+    out["verdicts"] = _verdict_cells(out)
+    return out
 
 
 def _average_over_tasks(recs, tasks, budget, method) -> Dict[int, float]:
@@ -245,7 +247,7 @@ def verdict_markdown(summary: Dict[str, Any]) -> List[str]:
     uncorrected "wins"/"losses" are expected by chance alone)."""
     cols = [(t, b) for b in summary["budgets"] for t in summary["tasks"]]
     cols += [("average", b) for b in summary["budgets"]]
-    cell = _verdict_cells(summary)
+    cell = summary["verdicts"]
     methods = [m for m in dict.fromkeys(r["method"] for r in summary["rows"]) if m not in ("uniform", "head")]
     if not methods:
         return []
@@ -268,29 +270,25 @@ def verdict_markdown(summary: Dict[str, Any]) -> List[str]:
     return lines
 
 
-def _same_ranks(records: List[Dict[str, Any]]) -> List[str]:
+def _same_ranks(recs: List[Dict[str, Any]]) -> List[str]:
     """Where two GeLoRA variants trained the same ranks on a task and budget (they differ only in their
     ranks, so the same seeds then make the same runs: their differences from uniform are one measurement,
-    not two)."""
-    recs = main_records(list(records))
+    not two). ``recs``: the main records."""
     ranks: Dict[tuple, set] = {}
     for r in recs:
         if r["method"].startswith("gelora") and r.get("ranks"):
-            ranks.setdefault((r["task"], r["budget"], r["method"]), set()).add(
-                tuple(sorted(r["ranks"].items())))
-    out = []
-    for (t, b, m), rk in ranks.items():
-        for (t2, b2, m2), rk2 in ranks.items():
-            if (t2, b2) == (t, b) and list(METHODS).index(m2) < list(METHODS).index(m) and len(rk) == len(rk2) == 1 \
-                    and rk == rk2:
-                out.append(f"`{m}` trained the same ranks as `{m2}` on {t} {b}")
-    return out
+            ranks.setdefault((r["task"], r["budget"], r["method"]), set()).add(tuple(sorted(r["ranks"].items())))
+    alike: Dict[tuple, List[str]] = {}  # (task, budget, the one set of ranks) -> methods, in METHODS order
+    for (t, b, m), rk in sorted(ranks.items(), key=lambda kv: list(METHODS).index(kv[0][2])):
+        if len(rk) == 1:
+            alike.setdefault((t, b, next(iter(rk))), []).append(m)
+    return [f"`{m}` trained the same ranks as `{ms[0]}` on {t} {b}" for (t, b, _), ms in alike.items() for m in ms[1:]]
 
 
-def words_markdown(summary: Dict[str, Any], records: List[Dict[str, Any]]) -> List[str]:
+def words_markdown(summary: Dict[str, Any]) -> List[str]:
     """The verdicts in words, per method: wins, ties and losses over the tasks and budgets with an interval,
     which of them hold under Holm's correction, and how far the ties' intervals reach."""
-    cell = _verdict_cells(summary)
+    cell = summary["verdicts"]
     methods = [m for m in dict.fromkeys(r["method"] for r in summary["rows"]) if m not in ("uniform", "head")]
     lines = []
     for m in methods:
@@ -319,7 +317,7 @@ def words_markdown(summary: Dict[str, Any], records: List[Dict[str, Any]]) -> Li
             text += "; average over tasks: " + ", ".join(
                 f"{b} {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] {verdict(d)}" for b, d in avg)
         lines.append(text + ".")
-    same = _same_ranks(records)
+    same = summary["same_ranks"]
     if not lines and not same:
         return []
     if not lines:
@@ -374,7 +372,7 @@ def progress_markdown(records: List[Dict[str, Any]], decisions: Dict[str, Any]) 
 
 
 def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[str],
-             pilot: Sequence[Dict[str, Any]] = (), records: Sequence[Dict[str, Any]] = ()) -> str:
+             pilot: Sequence[Dict[str, Any]] = ()) -> str:
     """The docs section: averages, per task and budget, costs (partial results say so)."""
     lines = []
     seeds_all = sorted({s for r in summary["rows"] for s in r["seeds"]})
@@ -384,7 +382,7 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
     lines.append("")
     lines += _decision_lines(decisions)
     lines += verdict_markdown(summary)
-    lines += words_markdown(summary, records)
+    lines += words_markdown(summary)
     over = ", ".join(summary["tasks"])
     lines += ["", f"### Average over tasks (GLUE-style: accuracy % and 100 x Pearson, seeds with every task; "
               f"{len(summary['tasks'])} task(s) with main cells so far: {over})", "",
@@ -490,7 +488,7 @@ def report(records: List[Dict[str, Any]], decisions: Dict[str, Any], *, doc: Opt
     rel = None
     if png and not err:  # the page links the plot beside it by its name
         rel = png.name if doc is not None and png.parent.resolve() == doc.parent.resolve() else str(png)
-    text = markdown(summary, decisions, rel, pilot_rows(records), records)
+    text = markdown(summary, decisions, rel, pilot_rows(records))
     if doc is not None:
         write_section(doc, text)
     log(text)

@@ -395,9 +395,7 @@ def version_mismatch(records: List[Dict[str, Any]], current: Dict[str, Any]) -> 
     recorded = ", ".join(f"{k} {' / '.join(sorted(vs))}" for k, vs in off.items())
     here = ", ".join(f"{k} {current.get(k)}" for k in off)
     pins = " ".join(f"'{k}=={max(vs, key=vs.get).split('+')[0]}'" for k, vs in off.items())
-    return (f"the finished cells ran with {recorded}, this environment has {here}: new cells would be compared "
-            f"with them across releases. Install the recorded ones (pip install {pins}), or pass "
-            "--allow-version-change")
+    return f"the finished cells ran with {recorded}, this environment has {here} (the recorded ones: pip install {pins})"
 
 
 def _stamp(commit: Dict[str, Any]) -> Dict[str, Any]:
@@ -629,9 +627,10 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None,
 
         why = version_mismatch(records, versions())
         if why and not allow_version_change:
-            raise VersionMismatch(why)
+            raise VersionMismatch(f"{why}: new cells would be compared with them across releases; install the "
+                                  "recorded ones, or pass --allow-version-change")
         if why:
-            log(f"note: {why.split(': new cells')[0]}; running anyway (--allow-version-change)")
+            log(f"note: {why}; running anyway (--allow-version-change)")
         run = _Run(cfg, results, records, git_commit(), log)
         run.preps.update((r["key"], r) for r in read_jsonl(run.preps_path))
         if run.commit["dirty"]:
