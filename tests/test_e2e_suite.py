@@ -3,6 +3,7 @@ against scipy/sklearn, the cell order, the pilot's decision, resuming, the repor
 file, and a small real run (all methods on SNLI-format pairs) on fixture corpora (no download here)."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -220,7 +221,8 @@ def _fake_job(calls):
     def job(cfg, j):
         calls.append(j)
         if j["kind"] == "prep":
-            allocs = {m: {b: {"ranks": {"x": 2}, "alloc_s": 0.1} for b in cfg.budgets} for m in METHODS}
+            allocs = {m: {b: {"ranks": {"x": i + 1, "y": 1}, "alloc_s": 0.1} for b in cfg.budgets}
+                      for i, m in enumerate(METHODS)}  # no two methods alike: no copies (see _twin_job)
             if j["eva_path"]:  # as methods._run_eva: the state file, and its path in the allocation
                 Path(j["eva_path"]).parent.mkdir(parents=True, exist_ok=True)
                 Path(j["eva_path"]).write_text("state")
@@ -232,6 +234,7 @@ def _fake_job(calls):
             out["curve"] = [{"step": 1, "acc": j["lr"], "pearson": j["lr"]},
                             {"step": 2, "acc": j["lr"], "pearson": j["lr"]}]
         else:
+            out["ranks"] = (j["alloc"] or {}).get("ranks") or {"x": 2, "y": 2}
             out["val"] = {"acc": 0.5, "pearson": 0.5}
             out["test"] = {"acc": 0.5 + j["seed"] / 100, "macro_f1": 0.5, "pearson": 0.5, "spearman": 0.5, "rmse": 1}
         return out
@@ -337,6 +340,86 @@ def test_a_free_worker_runs_decided_tasks_while_another_pilot_runs(tmp_path, mon
     assert sum(ln.startswith("vader_ratings: lr") for ln in lines) == 1  # the decision, logged once
 
 
+def _twin_job(calls, slow_method="gelora"):
+    """``_fake_job`` whose allocations give gelora_paired the ranks of gelora (and every other method its
+    own), and whose ``slow_method`` cells take 0.3 s (so a second worker is free while they run)."""
+    import time
+
+    fake = _fake_job(calls)
+    ranks = {"gelora": {"x": 3, "y": 1}, "gelora_paired": {"x": 3, "y": 1}, "gelora_pm": {"x": 1, "y": 3}}
+
+    def job(cfg, j):
+        out = fake(cfg, j)
+        if j["kind"] == "prep":
+            for m, a in out["allocations"].items():
+                for b in a.values():
+                    b["ranks"] = dict(ranks.get(m, {"x": 2, "y": 2}))
+        elif j["phase"] == "main":
+            if j["method"] == slow_method:
+                time.sleep(0.3)
+            out["test"] = dict(out["test"], acc=len(calls) / 1000)  # every run its own result
+            out["losses_every10"] = [1.0, len(calls) / 1000]
+        return out
+    return job
+
+
+def test_a_cell_with_the_ranks_of_a_finished_twin_is_its_copy(tmp_path, monkeypatch):
+    """gelora_paired allocates gelora's ranks: it trains the same model, so it is recorded as a copy of
+    gelora's run (never trained, never started beside it), and the dry run counts it as free."""
+    from e2e import estimate
+
+    calls = []
+    monkeypatch.setattr(runner, "_job", _twin_job(calls))
+    cfg = _cfg(tmp_path, tasks=("snli",), seeds=(0, 1), workers=2, isolate=True)
+    lines = []
+    out = runner.run_suite(cfg, log=lines.append)
+    recs = runner.read_jsonl(Path(cfg.results))
+    want = runner.pilot_cells(cfg) + runner.main_cells(cfg, out["decisions"])
+    assert out["ran"] == len(want) == len(recs) and {r["key"] for r in recs} == {c.key for c in want}
+    started = [(j["method"], j["seed"]) for j in calls if j["kind"] == "cell" and j["phase"] == "main"]
+    # seed 0 may train it (taken before the first preparation told its ranks); seed 1 never does
+    assert ("gelora_paired", 1) not in started and [m for m, _ in started].count("gelora") == 2
+    by = {(r["method"], r["seed"]): r for r in recs if r["phase"] == "main"}
+    for seed in (0, 1) if ("gelora_paired", 0) not in started else (1,):
+        g, p = by["gelora", seed], by["gelora_paired", seed]
+        assert p["same_as"] == g["key"] and p["key"] != g["key"] and "same_as" not in g
+        assert p["test"] == g["test"] and p["ranks"] == g["ranks"] and p["losses_every10"] == g["losses_every10"]
+        assert p["cost"]["prep_unit"] == "profile" and p["workers"] == g["workers"]
+        assert [r["key"] for r in recs].index(p["key"]) > [r["key"] for r in recs].index(g["key"])
+        assert "same_as" not in by["gelora_pm", seed] and "same_as" not in by["uniform", seed]
+    n_copies = 2 - started.count(("gelora_paired", 0))
+    assert sum("(copy of gelora: the same ranks)" in ln for ln in lines) == n_copies
+    summary = rep.summarize(recs)
+    cost = {c["method"]: c for c in summary["cost"]}
+    assert (cost["gelora_paired"]["cells"], cost["gelora_paired"]["copies"]) == (2 - n_copies, n_copies)
+    assert cost["gelora_paired"]["train_s"] > 0  # copies only: the costs of their twins
+    assert cost["gelora"]["copies"] == 0
+    assert summary["same_ranks"] == ["`gelora_paired` trained the same ranks as `gelora` on snli r2"]
+    # the dry run: with the preparation known, a pending copy costs nothing
+    cfg3 = _cfg(tmp_path, tasks=("snli",), seeds=(0, 1, 2), workers=2, isolate=True)
+    m = {"step_s": 1.0, "eval_s_per_example": 0.0, "data_s": 0.0, "n_val": 10, "n_test": 10}
+    est = {r["cell"].method: r["est_s"] for r in estimate.estimate(cfg3, {"snli": m})["rows"]
+           if r["cell"].phase == "main" and r["cell"].seed == 2}
+    assert est["gelora_paired"] == 0.0 and est["gelora"] > 0 and est["uniform"] > 0
+
+
+def test_the_first_of_several_twins_is_uniform(tmp_path):
+    """A GeLoRA allocation that is rank N everywhere trains the uniform model; a planned rank set is only
+    known once the preparation ran."""
+    cfg = _cfg(tmp_path, tasks=("snli",))
+    cell = runner.Cell("main", "snli", "r2", "gelora_paired", 0, 1e-3, 3, "s")
+    assert runner.twin_of(cfg, {}, cell) is None  # nothing prepared yet
+    allocs = {"gelora": {"r2": {"ranks": {"x": 2, "y": 2}}}, "gelora_paired": {"r2": {"ranks": {"x": 2, "y": 2}}}}
+    preps = {runner.prep_key(cfg, "snli", "profile", None): {"allocations": allocs}}
+    assert runner.twin_of(cfg, preps, cell).method == "uniform"
+    assert runner.twin_of(cfg, preps, dataclasses.replace(cell, method="gelora")).method == "uniform"
+    assert runner.twin_of(cfg, preps, dataclasses.replace(cell, method="uniform")) is None
+    assert runner.twin_of(cfg, preps, dataclasses.replace(cell, method="eva")) is None
+    assert runner.twin_of(cfg, preps, dataclasses.replace(cell, budget="r8")) is None  # no r8 allocation
+    no_uniform = _cfg(tmp_path, tasks=("snli",), methods=("gelora", "gelora_paired"))
+    assert runner.twin_of(no_uniform, preps, cell).method == "gelora"
+
+
 def test_expected_seconds_come_from_the_closest_finished_cells():
     cell = runner.Cell("main", "snli", "r2", "gelora", 1, 1e-3, 100, "s")
     rec = dict(phase="main", task="snli", method="uniform", workers=2, steps=50, wall_s=100.0)
@@ -347,6 +430,8 @@ def test_expected_seconds_come_from_the_closest_finished_cells():
     assert runner.expected_s(recs, cell, 2) == pytest.approx(1.1 * 100 * 4)
     # other workers: the same task's cells still count (next tier); a task with no cells: any cell
     assert runner.expected_s(recs[:1], cell, 1) == pytest.approx(1.1 * 100 * 2)
+    copy = {**rec, "wall_s": 0.01, "same_as": "main|snli|r2|gelora|1|0.001|s"}  # trained nothing: ignored
+    assert runner.expected_s(recs + [copy] * 5, cell, 2) == pytest.approx(1.1 * 100 * 4)
     other = runner.Cell("main", "vader_ratings", "r2", "uniform", 0, 1e-3, 10, "s")
     assert runner.expected_s(recs, other, 2) == pytest.approx(1.1 * 10 * 4)
     assert runner.expected_s(recs, runner.Cell("main", "snli", None, "head", 0, 1e-3, 100, "s"), 2) == \
@@ -676,6 +761,19 @@ def test_a_cell_in_its_own_process_matches_in_process(real_run):
     assert got["losses_every10"] == pytest.approx(rec["losses_every10"], rel=1e-5, abs=1e-6)
     assert got["test"] == rec["test"] and got["ranks"] == rec["ranks"]
     assert got["cost"]["peak_rss_mib"] > 100  # its own process: runtime, torch and the weights
+
+
+@needs_model
+def test_the_same_ranks_and_seed_train_the_same_run(real_run):
+    """What makes a copy of a twin (``same_as``) sound: another rank-built method given gelora's ranks
+    reproduces gelora's run bit for bit."""
+    cfg, _, recs, _ = real_run
+    g = next(r for r in recs if r["phase"] == "main" and r["method"] == "gelora")
+    cell = runner.Cell(**{k: g[k] for k in ("phase", "task", "budget", "seed", "lr", "steps", "setting")},
+                       method="gelora_paired")
+    job = dict(runner._cell_job(cfg, cell, None), alloc={"ranks": g["ranks"]}, threads=cfg.threads, opts=cfg.opts())
+    got = runner.run_job(json.loads(json.dumps(job)))
+    assert got["ranks"] == g["ranks"] and got["losses_every10"] == g["losses_every10"] and got["test"] == g["test"]
 
 
 @needs_model

@@ -10,7 +10,8 @@ with the method factors of the single-task run (docs/e2e_results.md, full run, e
 training took 43.3 s against 82.1 s for uniform LoRA, AdaLoRA 0.549 s against 0.536 s per step), and
 each preparation unit the seconds a smoke run of the suite measured on SNLI at load 5.5 (block profile
 with the paired bootstrap 40 s, per-module profile 92 s, EVA's SVD 21 s). Main cells of a task whose pilot has not run yet are
-counted at the pilot's step count (an upper bound: the rule never picks more).
+counted at the pilot's step count (an upper bound: the rule never picks more). A cell that will be the copy
+of a twin's run (``runner.twin_of``) costs nothing.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import time
 from typing import Any, Dict, List, Optional
 
 from .methods import prep_units
-from .runner import SuiteConfig, decide, main_cells, pilot_cells, read_jsonl
+from .runner import SuiteConfig, decide, main_cells, pilot_cells, preps_file, read_jsonl, twin_of
 from .tasks import get_task
 
 STEP_FACTOR = {"head": 43.3 / 82.1, "adalora": 0.549 / 0.536}
@@ -72,6 +73,7 @@ def estimate(cfg: SuiteConfig, measured: Dict[str, Dict[str, float]]) -> Dict[st
     from pathlib import Path
 
     records = read_jsonl(Path(cfg.results))
+    preps = {r["key"]: r for r in read_jsonl(preps_file(Path(cfg.results)))}
     done = {r.get("key") for r in records}
     decisions = {}
     for t in cfg.tasks:
@@ -86,7 +88,8 @@ def estimate(cfg: SuiteConfig, measured: Dict[str, Dict[str, float]]) -> Dict[st
                   else m["n_val"] + m["n_test"])
         sec = (start + m["data_s"] + c.steps * m["step_s"] * STEP_FACTOR.get(c.method, 1.0)
                + n_eval * m["eval_s_per_example"])
-        rows.append({"cell": c, "done": c.key in done, "est_s": 0.0 if c.key in done else sec})
+        copy = twin_of(cfg, preps, c) is not None  # the copy of a twin's run
+        rows.append({"cell": c, "done": c.key in done, "est_s": 0.0 if c.key in done or copy else sec})
     scale = min(1.0, cfg.profile_texts / 1000)
     prep_s = 0.0
     for t in cfg.tasks:

@@ -53,6 +53,11 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
 )}
 
 
+#: the methods whose model is ``lora_config(ranks)`` alone (see :func:`build`): two of them that allocate the
+#: same ranks train the same model with the same seed, i.e. the same run
+RANK_BUILT = ("uniform", "gelora", "gelora_paired", "gelora_pm")
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; methods are {list(METHODS)}")
@@ -203,7 +208,7 @@ def build(method: str, task, seed: int, budget: Optional[str], alloc: Optional[D
     from gelora.peft_bridge import lora_config
 
     rank = budget_rank(budget)
-    if method in ("uniform", "gelora", "gelora_paired", "gelora_pm"):
+    if method in RANK_BUILT:
         ranks = {n: rank for n in names} if method == "uniform" else alloc["ranks"]
         pm = get_peft_model(model, lora_config(model, ranks, target_modules=TARGETS, lora_dropout=0.0))
     elif method == "eva":

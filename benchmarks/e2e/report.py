@@ -186,14 +186,18 @@ def _average_over_tasks(recs, tasks, budget, method) -> Dict[int, float]:
 
 
 def cost_rows(recs: List[Dict[str, Any]], methods: List[str]) -> List[Dict[str, Any]]:
+    """Per method: the costs of the cells it trained (a copy of a twin's run, ``same_as``, carries the
+    twin's costs and is counted apart, as ``copies``)."""
     out = []
     for m in methods:
-        rr = [r for r in recs if r["method"] == m]
+        mine = [r for r in recs if r["method"] == m]
+        trained = [r for r in mine if not r.get("same_as")]
+        rr = trained or mine  # only copies: their twins' costs
         c = [r["cost"] for r in rr]
         preps = {(r["task"], r["cost"].get("prep_unit"), r["budget"] if m == "eva" else None): r["cost"]
                  for r in rr if "prep_s" in r["cost"]}
         out.append({
-            "method": m, "cells": len(rr),
+            "method": m, "cells": len(trained), "copies": len(mine) - len(trained),
             "prep_s": statistics.mean(p["prep_s"] for p in preps.values()) if preps else 0.0,
             "alloc_s": statistics.mean(x.get("prep_alloc_s", 0.0) + x["alloc_s"] for x in c),
             "step_s": statistics.median(x["step_s_median"] for x in c),
@@ -323,7 +327,8 @@ def words_markdown(summary: Dict[str, Any]) -> List[str]:
     if not lines:
         lines.append("- No comparison has 2 seeds yet.")
     if same:
-        lines.append("- " + "; ".join(same) + ": with the same seeds these are the same runs.")
+        lines.append("- " + "; ".join(same) + ": with the same seeds these are the same runs (a finished run is "
+                     "not repeated: its copy names it in `same_as`).")
     return ["", "### In words (from the table above, for the comparisons with 2 or more seeds)", ""] + lines
 
 
@@ -412,7 +417,8 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
     for c in summary["cost"]:
         rss_p = "-" if c["prep_peak_rss_mib"] is None else f"{c['prep_peak_rss_mib']:.0f}"
         by_w = "; ".join(f"{w}: {v:.3f}" for w, v in c["step_s_by_workers"].items())
-        lines.append(f"| {c['method']} | {c['cells']} | {', '.join(f'{p:,}' for p in c['lora_params'])} | "
+        copies = f" (+{c['copies']} copies)" if c.get("copies") else ""
+        lines.append(f"| {c['method']} | {c['cells']}{copies} | {', '.join(f'{p:,}' for p in c['lora_params'])} | "
                      f"{c['prep_s']:.1f} | {c['alloc_s']:.2f} | {c['step_s']:.3f} ({by_w}) | {c['train_s']:.0f} | "
                      f"{c['peak_rss_mib']:.0f} / {rss_p} |")
     lines += pilot_markdown(list(pilot))

@@ -18,6 +18,11 @@ Each cell gets a key (phase, task, budget, method, seed, learning rate, and a ha
 changes its result); a rerun skips every cell whose key is in the results file. The preparation units
 (ID profiles, EVA's SVD) are kept in a second file (``<results>_preps.jsonl``, EVA states in
 ``<results>_eva/``) and reused the same way. A lock file stops two runners on one results file.
+
+A main cell whose method would train exactly the model of an earlier method's cell (two rank-built methods,
+:data:`~e2e.methods.RANK_BUILT`, that allocated the same ranks; same task, budget, seed and setting) is not
+trained again: once that *twin* is finished, the cell's record is a copy of its results with ``same_as``
+naming the twin (a cell runs deterministically on the CPU: the twin's losses are reproduced bit for bit).
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .methods import METHODS, budget_rank, get_method
+from .methods import METHODS, RANK_BUILT, budget_rank, get_method
 from .tasks import TASKS, get_task
 
 HERE = Path(__file__).resolve().parent
@@ -406,6 +411,11 @@ def _stamp(commit: Dict[str, Any]) -> Dict[str, Any]:
             "versions": {k: v.get(k) for k in ("torch", "transformers", "peft", "gelora")}}
 
 
+def preps_file(results: Path) -> Path:
+    """The preparation units' records beside ``results``."""
+    return results.with_name(results.stem + "_preps.jsonl")
+
+
 @dataclass
 class _Run:
     """What the cells of one run share: the files, the records so far and the locks that guard them."""
@@ -421,7 +431,7 @@ class _Run:
 
     @property
     def preps_path(self) -> Path:
-        return self.results.with_name(self.results.stem + "_preps.jsonl")
+        return preps_file(self.results)
 
     @property
     def eva_dir(self) -> Path:
@@ -438,12 +448,16 @@ class _Run:
                 self.log(line)
 
 
+def prep_key(cfg: SuiteConfig, task: str, unit: str, budget: Optional[str]) -> str:
+    return f"{task}|{unit}|{budget or '-'}|{prep_setting(cfg, task)}"
+
+
 def ensure_prep(run: _Run, task: str, unit: str, budget: Optional[str]) -> Dict[str, Any]:
     """The preparation unit's record (from the preps file, or run now and appended; once per key even
     when two cells ask for it at the same time). EVA's state is a file beside the preps file, found by name
     (the results folder may have moved to another machine); a unit whose file is missing is run again."""
     cfg = run.cfg
-    key = f"{task}|{unit}|{budget or '-'}|{prep_setting(cfg, task)}"
+    key = prep_key(cfg, task, unit, budget)
     eva = run.eva_dir / f"{key.replace('|', '_')}.pt"
     with run.prep_lock(key):
         if key in run.preps and unit == "eva" and not eva.exists():
@@ -473,23 +487,81 @@ def _cell_job(cfg: SuiteConfig, cell: Cell, prep: Optional[Dict[str, Any]],
             "eval_every": cfg.pilot_eval_every}
 
 
+def planned_ranks(cfg: SuiteConfig, preps: Dict[str, Dict[str, Any]], cell: Cell) -> Optional[Dict[str, int]]:
+    """The ranks a main cell of a rank-built method will train, known before it runs: its preparation's
+    allocation (once ``preps`` holds that unit), or rank N on every module for uniform (the modules of any
+    allocation of the task at hand). None when not known or not rank-built."""
+    if cell.phase != "main" or cell.method not in RANK_BUILT:
+        return None
+    if cell.method == "uniform":
+        for name in RANK_BUILT[1:]:
+            got = planned_ranks(cfg, preps, dataclasses.replace(cell, method=name))
+            if got is not None:
+                return {n: budget_rank(cell.budget) for n in got}
+        return None
+    prep = preps.get(prep_key(cfg, cell.task, get_method(cell.method).prep, None))
+    alloc = prep["allocations"].get(cell.method, {}).get(cell.budget) if prep else None
+    return dict(alloc["ranks"]) if alloc else None
+
+
+def twin_of(cfg: SuiteConfig, preps: Dict[str, Dict[str, Any]], cell: Cell) -> Optional[Cell]:
+    """The cell of the first earlier rank-built method (in :data:`RANK_BUILT` order, among
+    ``cfg.methods``) that plans the same ranks as ``cell`` for its task, budget, seed and setting: it trains
+    the same model on the same batches, so ``cell`` needs no run of its own. None when there is none or the
+    ranks are not known yet."""
+    mine = planned_ranks(cfg, preps, cell)
+    if mine is None:
+        return None
+    for name in RANK_BUILT[:RANK_BUILT.index(cell.method)]:
+        other = dataclasses.replace(cell, method=name)
+        if name in cfg.methods and planned_ranks(cfg, preps, other) == mine:
+            return other
+    return None
+
+
+#: what a copy takes from its twin's record (the rest is the cell's own: key, method, stamp; run_one adds the
+#: costs of its own preparation)
+_COPIED = ("val", "test", "ranks", "lora_params_trainable", "lora_params_effective", "head_params", "other_trainable",
+           "ranks_start", "n_train", "loss_first", "loss_last", "losses_every10", "cost", "workers")
+
+
+def copy_twin(run: _Run, cell: Cell, twin: Dict[str, Any]) -> Dict[str, Any]:
+    """The record of ``cell`` as a copy of its finished twin's record (``same_as``: the twin's key; the
+    training costs are the twin's; ``wall_s``: the seconds the copy took)."""
+    t = time.perf_counter()
+    if twin["ranks"] != planned_ranks(run.cfg, run.preps, cell):
+        raise RuntimeError(f"{cell.key}: its twin {twin['key']} trained other ranks than it plans")
+    rec = {**dataclasses.asdict(cell), "key": cell.key, "batch_size": run.cfg.batch_size, "threads": run.cfg.threads,
+           **_stamp(run.commit), **json.loads(json.dumps({k: twin[k] for k in _COPIED if k in twin})),
+           "same_as": twin["key"]}
+    rec["wall_s"] = time.perf_counter() - t
+    return rec
+
+
 def run_one(run: _Run, cell: Cell) -> Dict[str, Any]:
-    """Prepare (if needed), run and append one cell; returns its record."""
+    """Prepare (if needed), run (or copy from a finished twin) and append one cell; returns its record."""
     cfg = run.cfg
     unit = get_method(cell.method).prep
     prep = None
     if unit and cell.phase == "main":
         prep = ensure_prep(run, cell.task, unit, cell.budget if unit == "eva" else None)
     t = time.perf_counter()
-    res = _job(cfg, _cell_job(cfg, cell, prep, run.eva_dir))
-    rec = {**dataclasses.asdict(cell), "key": cell.key, "batch_size": cfg.batch_size, "threads": cfg.threads,
-           "workers": cfg.workers, **_stamp(run.commit), **res}
+    with run.lock:
+        twin = twin_of(cfg, run.preps, cell)
+        twin_rec = next((r for r in run.records if twin is not None and r["key"] == twin.key), None)
+    if twin_rec is not None:
+        rec = copy_twin(run, cell, twin_rec)
+    else:
+        res = _job(cfg, _cell_job(cfg, cell, prep, run.eva_dir))
+        rec = {**dataclasses.asdict(cell), "key": cell.key, "batch_size": cfg.batch_size, "threads": cfg.threads,
+               "workers": cfg.workers, **_stamp(run.commit), **res}
     if prep is not None:
         rec["cost"].update(prep_unit=prep["unit"], prep_s=prep["prep_s"], prep_peak_rss_mib=prep["peak_rss_mib"],
                            prep_alloc_s=prep["allocations"][cell.method][cell.budget]["alloc_s"])
     run.append(run.results, rec, f"{cell.phase:5s} {cell.task:13s} {cell.budget or '-':3s} {cell.method:13s} "
                                  f"seed {cell.seed} lr {cell.lr:g} {cell.steps} steps  "
-                                 f"{time.perf_counter() - t:6.1f} s  {_describe(rec)}")
+                                 f"{time.perf_counter() - t:6.1f} s  {_describe(rec)}"
+                                 + (f"  (copy of {twin.method}: the same ranks)" if twin_rec is not None else ""))
     with run.lock:
         run.records.append(rec)
     return rec
@@ -508,8 +580,9 @@ def expected_s(records: List[Dict[str, Any]], cell: Cell, workers: int) -> Optio
     and evaluation included) of the finished cells of its task, phase and kind (head only or LoRA), run
     with the same number of workers, then relaxing the phase, the workers and the task in that order;
     plus 10 %. A pilot cell evaluates every ``pilot_eval_every`` steps, so a main cell estimated from one
-    comes out long, which errs on the safe side. None when nothing has finished yet."""
-    done = [r for r in records if r.get("wall_s") and r.get("steps")]
+    comes out long, which errs on the safe side. Copies of twins do not count (they train nothing). None when
+    nothing has finished yet."""
+    done = [r for r in records if r.get("wall_s") and r.get("steps") and not r.get("same_as")]
     head = cell.method == "head"
     tiers = (
         lambda r: r["task"] == cell.task and r["phase"] == cell.phase and (r["method"] == "head") == head
@@ -553,14 +626,22 @@ class _Order:
         """Every cell known now (the pilot, and the main cells of the decided tasks), in order."""
         return pilot_cells(self.cfg) + main_cells(self.cfg, self.decide_all())
 
+    def twin_running(self, cell: Cell, done: set) -> bool:
+        """Whether ``cell``'s twin (:func:`twin_of`) is taken and not finished: the cell waits for it, and
+        is then a copy, instead of training the same model beside it."""
+        with self.run.lock:
+            twin = twin_of(self.cfg, self.run.preps, cell)
+        return twin is not None and twin.key in self.taken and twin.key not in done
+
     def next(self, fits=None, take: bool = True) -> Optional[Cell]:
         """The first cell not done and not taken yet for which ``fits(cell)`` holds (None: none is
-        eligible now), taken unless ``take`` is False. A cell that does not fit is passed over for a
-        later one that does."""
+        eligible now), taken unless ``take`` is False. A cell that does not fit, or whose twin is
+        running, is passed over for a later one."""
         with self.run.lock:
             done = {r["key"] for r in self.run.records}
         for c in self.cells():
-            if c.key not in done and c.key not in self.taken and (fits is None or fits(c)):
+            if (c.key not in done and c.key not in self.taken and not self.twin_running(c, done)
+                    and (fits is None or fits(c))):
                 if take:
                     self.taken.add(c.key)
                 return c
@@ -641,7 +722,9 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None,
 
         def fits(cell: Cell) -> bool:
             with run.lock:
-                need = expected_s(run.records, cell, cfg.workers)
+                twin = twin_of(cfg, run.preps, cell)
+                copy = twin is not None and any(r["key"] == twin.key for r in run.records)
+                need = 0.0 if copy else expected_s(run.records, cell, cfg.workers)
             left = 3600 * finish_within - (time.perf_counter() - t0)
             return left > 0 and (need is None or need <= left)
 
