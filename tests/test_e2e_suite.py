@@ -636,7 +636,10 @@ def test_t_pvalue_and_holm():
         assert rep.t_pvalue(t, df) == pytest.approx(2 * stats.t.sf(abs(t), df), abs=1e-12)
     ci = rep.mean_ci([1.0, 2.0, 1.5, 1.2, 1.8])
     assert ci["p"] == pytest.approx(stats.ttest_1samp([1.0, 2.0, 1.5, 1.2, 1.8], 0).pvalue, abs=1e-12)
-    assert rep.mean_ci([1.0, 1.0])["p"] == 0.0 and rep.mean_ci([0.0, 0.0])["p"] == 1.0 and rep.mean_ci([1.0])["p"] is None
+    assert rep.mean_ci([1.0])["p"] is None
+    for same in ([-0.15, -0.15], [0.0, 0.0, 0.0], [73.6 - 73.75, 74.1 - 74.25]):  # equal: no spread, test, verdict
+        ci = rep.mean_ci(same)
+        assert ci["p"] is None and ci["lo"] == ci["hi"] == ci["mean"] and rep.verdict(ci) == "no spread"
     # step-down: 0.01 <= 0.05/4 is rejected, 0.03 > 0.05/3 stops it (0.04 is not tested after)
     assert rep.holm([0.01, 0.04, 0.03, 0.5]) == [True, False, False, False]
     assert rep.holm([0.001, 0.02, 0.011]) == [True, True, True] and rep.holm([]) == []
@@ -653,6 +656,7 @@ def test_report_in_words_with_holm_and_the_same_ranks():
         recs.append(_main_rec("snli", "r2", "gelora_paired", s, u + 0.02 + 0.001 * (s % 2)))
         recs.append(_main_rec("snli", "r2", "gelora_pm", s, u + [0.004, -0.003, 0.006, -0.001, 0.002][s]))
         recs.append(_main_rec("snli", "r2", "adalora", s, u - [0.004, 0.003, 0.006, 0.0, 0.009][s]))
+        recs.append(_main_rec("snli", "r2", "eva", s, u - 0.0015))  # the same -0.15 on every seed
     for r in recs:
         r["ranks"] = {"gelora": {"q": 3, "k": 1}, "gelora_paired": {"q": 3, "k": 1}}.get(r["method"], {"q": 2, "k": 2})
     summ = rep.summarize(recs)
@@ -670,6 +674,11 @@ def test_report_in_words_with_holm_and_the_same_ranks():
     assert "loss on snli r2: -0.44" in text and "not under Holm" in text
     assert "`gelora_paired` trained the same ranks as `gelora` on snli r2" in text
     assert "`gelora_pm` trained the same ranks" not in text
+    assert rep.verdict(cells[("snli", "r2", "eva")]["diff"]) == "no spread" and "holm" not in cells[("snli", "r2", "eva")]
+    assert "| eva | -0.15 (n = 5) no spread |" in text
+    assert "- `eva`: 0 win(s), 0 tie(s), 0 loss(es) in 1 task/budget comparison(s) with 2+ seeds (no verdict on " \
+           "snli r2: the same difference on every seed, no spread to test); average over tasks: r2 -0.15 [-0.15, " \
+           "-0.15] no spread." in text
 
 
 def test_report_before_any_main_cell_shows_the_pilot(tmp_path):

@@ -3,7 +3,8 @@
 Per task and budget: the test metrics of every method (mean +/- sample std over the seeds it has, and
 how many), the validation metric, and the paired difference from uniform LoRA (same seeds, same
 batches, same head initialisation) with a 95 % Student-t interval over the seeds; a verdict from that
-interval (win: above 0, loss: below 0, tie: it holds 0), and whether a win or loss also holds under
+interval (win: above 0, loss: below 0, tie: it holds 0; no spread: every seed gave the same difference,
+which makes no interval and no test), and whether a win or loss also holds under
 Holm's correction over every comparison of the report (two-sided t-test p-values); the same verdicts
 in words, and which GeLoRA variants trained the same ranks (the same runs). The GLUE-style average over tasks (the mean of
 the primary test metric, in points: accuracy % for the classifications, 100 x Pearson for the
@@ -76,16 +77,19 @@ def t_pvalue(t: float, df: int) -> float:
 
 def mean_ci(xs: Sequence[float]) -> Dict[str, Any]:
     """Mean, sample std, n, the 95 % t interval of the mean and the two-sided p-value of "the mean is 0"
-    (None below 2 values)."""
+    (None below 2 values). Equal values (sd 0; the metrics are discrete, so 2 seeds can differ from uniform
+    by the same amount) give a zero-width interval and no test: they say nothing about the spread."""
     xs = [float(x) for x in xs]
     n = len(xs)
     finite = all(math.isfinite(x) for x in xs)  # statistics.stdev fails on a NaN (a diverged cell's metric)
     m = statistics.mean(xs) if xs and finite else float("nan")
     sd = (statistics.stdev(xs) if finite else float("nan")) if n > 1 else None
+    if sd is not None and sd <= 1e-9 * (1.0 + abs(m)):  # equal up to rounding (73.6 - 73.45 vs 74.1 - 73.95)
+        sd = 0.0
     half = t975(n - 1) * sd / math.sqrt(n) if n > 1 else None
     p = None
     if n > 1 and finite:  # a NaN metric (a diverged cell): no test
-        p = (1.0 if m == 0 else 0.0) if sd == 0 else t_pvalue(m / (sd / math.sqrt(n)), n - 1)
+        p = None if sd == 0 else t_pvalue(m / (sd / math.sqrt(n)), n - 1)
     return {"mean": m, "sd": sd, "n": n, "lo": None if half is None else m - half,
             "hi": None if half is None else m + half, "p": p}
 
@@ -107,6 +111,8 @@ def verdict(ci: Dict[str, Any]) -> str:
         return "n < 2"
     if not (math.isfinite(ci["lo"]) and math.isfinite(ci["hi"])):
         return "undefined"
+    if ci["sd"] == 0:
+        return "no spread"
     return "win" if ci["lo"] > 0 else "loss" if ci["hi"] < 0 else "tie"
 
 
@@ -310,6 +316,8 @@ def words_markdown(summary: Dict[str, Any]) -> List[str]:
                              + (", holds under Holm" if done[k].get("holm") else ", not under Holm"))
         named += [f"no verdict on {k[0]} {k[1]} (a NaN metric)" for k, c in done.items()
                   if verdict(c["diff"]) == "undefined"]
+        named += [f"no verdict on {k[0]} {k[1]}: the same difference on every seed, no spread to test"
+                  for k, c in done.items() if verdict(c["diff"]) == "no spread"]
         if named:
             text += " (" + "; ".join(named) + ")"
         if by["tie"]:
@@ -383,7 +391,8 @@ def markdown(summary: Dict[str, Any], decisions: Dict[str, Any], png: Optional[s
     seeds_all = sorted({s for r in summary["rows"] for s in r["seeds"]})
     lines.append(f"{summary['n_records']} finished main cells; seeds present: {seeds_all}. `n` is the number of "
                  "seeds of each row. Differences are paired by seed, in points, with the 95 % t interval "
-                 "over the seeds; *win*/*loss*: the interval lies above/below 0, *tie*: it holds 0.")
+                 "over the seeds; *win*/*loss*: the interval lies above/below 0, *tie*: it holds 0, *no spread*: "
+                 "every seed gave the same difference (the metrics are discrete), which makes no interval.")
     lines.append("")
     lines += _decision_lines(decisions)
     lines += verdict_markdown(summary)
