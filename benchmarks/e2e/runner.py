@@ -437,6 +437,10 @@ class _Run:
     def eva_dir(self) -> Path:
         return self.results.with_name(self.results.stem + "_eva")
 
+    def record(self, key: str) -> Optional[Dict[str, Any]]:
+        """The finished record of ``key`` (None: not finished); the caller holds ``lock``."""
+        return next((r for r in self.records if r["key"] == key), None)
+
     def prep_lock(self, key: str):
         with self.lock:
             return self.prep_locks.setdefault(key, threading.Lock())
@@ -548,7 +552,7 @@ def run_one(run: _Run, cell: Cell) -> Dict[str, Any]:
     t = time.perf_counter()
     with run.lock:
         twin = twin_of(cfg, run.preps, cell)
-        twin_rec = next((r for r in run.records if twin is not None and r["key"] == twin.key), None)
+        twin_rec = run.record(twin.key) if twin is not None else None
     if twin_rec is not None:
         rec = copy_twin(run, cell, twin_rec)
     else:
@@ -723,7 +727,7 @@ def run_suite(cfg: SuiteConfig, *, log=print, max_hours: Optional[float] = None,
         def fits(cell: Cell) -> bool:
             with run.lock:
                 twin = twin_of(cfg, run.preps, cell)
-                copy = twin is not None and any(r["key"] == twin.key for r in run.records)
+                copy = twin is not None and run.record(twin.key) is not None
                 need = 0.0 if copy else expected_s(run.records, cell, cfg.workers)
             left = 3600 * finish_within - (time.perf_counter() - t0)
             return left > 0 and (need is None or need <= left)
